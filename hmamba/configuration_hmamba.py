@@ -1,0 +1,153 @@
+"""HMamba configuration.
+
+Self-contained: imports only transformers, so it ships with `trust_remote_code` checkpoints.
+"""
+
+import math
+
+from transformers import PretrainedConfig
+
+POOLING_MODES = ("last", "mean")
+
+
+def _check(name, value, ok, allowed):
+    if not ok:
+        raise ValueError(f"HMambaConfig.{name}={value!r} is invalid: {name} must be {allowed}.")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class HMambaConfig(PretrainedConfig):
+    r"""Configuration of a hierarchical Mamba language model.
+
+    The residual stream passes `num_low_layers` Mamba blocks at token rate (the L-stack), is causally pooled
+    into chunks of `chunk_size` tokens, passes `num_high_layers` Mamba blocks at chunk rate (the H-stack),
+    and each token then receives the H-stack's update of the last chunk that is complete at that token.
+    `num_out_layers` token-rate blocks follow. With `chunk_size=1` the model is exactly a flat Mamba of
+    `num_low_layers + num_high_layers + num_out_layers` layers.
+
+    The Mamba fields (`hidden_size`, `state_size`, `expand`, `conv_kernel`, `time_step_*`, `use_bias`,
+    `use_conv_bias`, `layer_norm_epsilon`, `residual_in_fp32`) mean what they mean in transformers'
+    `MambaConfig`, so pretrained Mamba checkpoints map one to one.
+
+    Args:
+        num_low_layers: Mamba blocks of the L-stack (token rate), >= 0.
+        num_high_layers: Mamba blocks of the H-stack (chunk rate), >= 0.
+        num_out_layers: Mamba blocks after the fusion (token rate), >= 0.
+        chunk_size: tokens per H-stack position, >= 1 (1 = flat Mamba).
+        pooling: how a chunk is summarised for the H-stack: "last" (the chunk's last token) or "mean".
+        rescale_prenorm_residual: divide `out_proj` weights by sqrt(number of layers) at init (as mamba_ssm).
+    """
+
+    model_type = "hmamba"
+
+    def __init__(
+        self,
+        vocab_size=50280,
+        hidden_size=768,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        time_step_rank="auto",
+        time_step_scale=1.0,
+        time_step_min=0.001,
+        time_step_max=0.1,
+        time_step_init_scheme="random",
+        time_step_floor=1e-4,
+        use_bias=False,
+        use_conv_bias=True,
+        hidden_act="silu",
+        layer_norm_epsilon=1e-5,
+        residual_in_fp32=True,
+        initializer_range=0.02,
+        rescale_prenorm_residual=True,
+        num_low_layers=12,
+        num_high_layers=12,
+        num_out_layers=0,
+        chunk_size=4,
+        pooling="last",
+        use_cache=True,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kwargs,
+    ):
+        for name, value in [
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("state_size", state_size),
+            ("expand", expand),
+            ("conv_kernel", conv_kernel),
+            ("chunk_size", chunk_size),
+        ]:
+            _check(name, value, _is_int(value) and value >= 1, "an integer >= 1")
+        for name, value in [
+            ("num_low_layers", num_low_layers),
+            ("num_high_layers", num_high_layers),
+            ("num_out_layers", num_out_layers),
+        ]:
+            _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
+        total = num_low_layers + num_high_layers + num_out_layers
+        _check("num_low_layers + num_high_layers + num_out_layers", total, total >= 1, ">= 1 (the model needs a layer)")
+        _check("pooling", pooling, pooling in POOLING_MODES, f"one of {POOLING_MODES}")
+        _check(
+            "time_step_rank",
+            time_step_rank,
+            time_step_rank == "auto" or (_is_int(time_step_rank) and time_step_rank >= 1),
+            '"auto" or an integer >= 1',
+        )
+        _check(
+            "time_step_init_scheme",
+            time_step_init_scheme,
+            time_step_init_scheme in ("random", "constant"),
+            'one of ("random", "constant")',
+        )
+        _check("time_step_min", time_step_min, 0 < time_step_min <= time_step_max, f"in (0, time_step_max={time_step_max}]")
+        _check("time_step_floor", time_step_floor, time_step_floor > 0, "> 0")
+        _check("layer_norm_epsilon", layer_norm_epsilon, layer_norm_epsilon > 0, "> 0")
+        _check("hidden_act", hidden_act, hidden_act in ("silu", "swish"), '"silu" (the Mamba activation)')
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.state_size = state_size
+        self.expand = expand
+        self.intermediate_size = int(expand * hidden_size)
+        self.conv_kernel = conv_kernel
+        self.time_step_rank = math.ceil(hidden_size / 16) if time_step_rank == "auto" else time_step_rank
+        self.time_step_scale = time_step_scale
+        self.time_step_min = time_step_min
+        self.time_step_max = time_step_max
+        self.time_step_init_scheme = time_step_init_scheme
+        self.time_step_floor = time_step_floor
+        self.use_bias = use_bias
+        self.use_conv_bias = use_conv_bias
+        self.hidden_act = hidden_act
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.residual_in_fp32 = residual_in_fp32
+        self.initializer_range = initializer_range
+        self.rescale_prenorm_residual = rescale_prenorm_residual
+        self.num_low_layers = num_low_layers
+        self.num_high_layers = num_high_layers
+        self.num_out_layers = num_out_layers
+        self.chunk_size = chunk_size
+        self.pooling = pooling
+        self.use_cache = use_cache
+        kwargs.pop("intermediate_size", None)  # derived from expand * hidden_size
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+
+    @property
+    def num_hidden_layers(self):
+        """All Mamba blocks: L-stack, H-stack and out layers."""
+        return self.num_low_layers + self.num_high_layers + self.num_out_layers
+
+
+__all__ = ["HMambaConfig"]

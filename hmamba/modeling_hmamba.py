@@ -1,0 +1,664 @@
+"""HMamba: a hierarchical Mamba language model for transformers.
+
+Data path (shapes for batch B, length T, width D, chunk size s):
+
+    input_ids (B, T) -> embeddings (B, T, D)
+      -> L-stack: Mamba blocks at token rate
+      -> down: causal pooling of each complete chunk of s tokens   (B, T // s, D)
+      -> H-stack: Mamba blocks at chunk rate
+      -> up: token t takes the H update (H output minus H input) of the last chunk complete at t
+      -> fuse: x = x_L + up(H(z) - z)
+      -> out layers: Mamba blocks at token rate
+      -> norm_f -> lm_head (tied to the embeddings)
+
+With s = 1 every token is its own chunk, up() is the identity and x_L + H(x_L) - x_L = H(x_L): the model is
+exactly the flat stack L then H, so pretrained Mamba layers split into L and H reproduce the original model.
+
+This file is self-contained (torch, transformers and configuration_hmamba only) so that checkpoints load
+with `trust_remote_code=True` where the hmamba package is not installed.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_hmamba import HMambaConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Ops: pure-PyTorch causal conv1d and selective scan, in mamba_ssm's layouts (channels before time), so that the
+# CUDA kernels of mamba_ssm / causal_conv1d can stand in for them behind the one dispatch point `ops_for`.
+
+
+def causal_conv1d(x, weight, bias=None, activation=None):
+    """Depthwise causal convolution. x: (B, D, T), weight: (D, W) -> (B, D, T)."""
+    width, length = weight.shape[1], x.shape[-1]
+    x_pad = F.pad(x, (width - 1, 0))
+    out = x_pad[..., :length] * weight[:, :1]  # a sum of W shifted products beats a grouped conv on CPU
+    for k in range(1, width):
+        out = out.addcmul(x_pad[..., k : k + length], weight[:, k : k + 1])
+    if bias is not None:
+        out = out + bias[:, None]
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One step of the causal convolution. x: (B, D), conv_state: (B, D, W) updated in place -> (B, D)."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = torch.einsum("bdw,dw->bd", conv_state.to(weight.dtype), weight)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def _scan_block_size(batch, dim, state):
+    # time steps discretised at once: ~2M floats per (K, B, D, N) buffer keeps the working set in cache
+    return max(16, min(256, (1 << 21) // max(1, batch * dim * state)))
+
+
+def _discretize(u, delta, A, B):
+    """Zero-order hold. u, delta: (K, B, D), A: (D, N), B: (K, B, N) -> dA, dBu: (K, B, D, N)."""
+    dA = torch.exp(delta[..., None] * A)
+    dBu = (delta * u)[..., None] * B[:, :, None, :]
+    return dA, dBu
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t . h_t   (time-major, float32).
+
+    Forward and backward walk time in blocks of K steps, one in-place op per step, so both are linear in T and
+    memory holds only the state at each block start (not a full-size gradient per step). Backward recomputes a
+    block's states from its start and runs the adjoint recurrence lam_t = C_t gy_t + exp(delta_{t+1} A) lam_{t+1}.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        # u, delta: (T, B, D); A: (D, N); B, C: (T, B, N); h0: (B, D, N)
+        length, batch, dim = u.shape
+        block = _scan_block_size(batch, dim, A.shape[1])
+        y = u.new_empty(length, batch, dim)
+        starts = []
+        h = h0
+        for s in range(0, length, block):
+            e = min(s + block, length)
+            dA, hs = _discretize(u[s:e], delta[s:e], A, B[s:e])  # hs starts as dBu and becomes the states
+            starts.append(h.clone())
+            for i in range(e - s):
+                hs[i].addcmul_(dA[i], h)
+                h = hs[i]
+            y[s:e] = torch.einsum("kbdn,kbn->kbd", hs, C[s:e])
+        ctx.block = block
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
+        return y, h.clone()
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        length, block = u.shape[0], ctx.block
+        gu, gdelta, gB, gC = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(B), torch.empty_like(C)
+        gA = torch.zeros_like(A)
+        carry = gh_last  # dL/dh at the end of the current block, from everything after it
+        for n, s in reversed(list(enumerate(range(0, length, block)))):
+            e = min(s + block, length)
+            dA, hs = _discretize(u[s:e], delta[s:e], A, B[s:e])
+            h = starts[n]
+            for i in range(e - s):
+                hs[i].addcmul_(dA[i], h)
+                h = hs[i]
+            lam = gy[s:e, :, :, None] * C[s:e, :, None, :]  # (K, B, D, N): dL/dh_t, direct part
+            lam[-1] += carry
+            for i in range(e - s - 2, -1, -1):
+                lam[i].addcmul_(dA[i + 1], lam[i + 1])
+            gC[s:e] = torch.einsum("kbdn,kbd->kbn", hs, gy[s:e])
+            h_prev = torch.cat([starts[n][None], hs[:-1]])
+            g_log_dA = lam * h_prev * dA  # dL/d(delta A)
+            lam_B = torch.einsum("kbdn,kbn->kbd", lam, B[s:e])
+            gdelta[s:e] = torch.einsum("kbdn,dn->kbd", g_log_dA, A) + lam_B * u[s:e]
+            gA += torch.einsum("kbdn,kbd->dn", g_log_dA, delta[s:e])
+            gu[s:e] = lam_B * delta[s:e]
+            gB[s:e] = torch.einsum("kbdn,kbd->kbn", lam, delta[s:e] * u[s:e])
+            carry = dA[0] * lam[0]
+        return gu, gdelta, gA, gB, gC, carry
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, initial_state=None
+):
+    """Selective scan in mamba_ssm's signature. u, delta, z: (B, D, T); A: (D, N); B, C: (B, N, T);
+    D, delta_bias: (D,); initial_state: (B, D, N). Returns y (B, D, T) [and the last state (B, D, N), float32]."""
+    dtype = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    if initial_state is None:
+        initial_state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    time_major = lambda t: t.float().permute(2, 0, 1)  # noqa: E731  (B, X, T) -> (T, B, X)
+    y, last_state = _SelectiveScan.apply(
+        time_major(u), time_major(delta), A.float(), time_major(B), time_major(C), initial_state.float()
+    )
+    y = y.permute(1, 2, 0)  # (B, D, T)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype)
+    return (y, last_state) if return_last_state else y
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One step of the selective scan. state: (B, D, N) float32, updated in place; x, dt, z: (B, D);
+    B, C: (B, N) -> y (B, D)."""
+    dtype = x.dtype
+    x, dt = x.float(), dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    state.mul_(torch.exp(dt[..., None] * A.float())).add_((dt * x)[..., None] * B.float()[:, None, :])
+    y = torch.einsum("bdn,bn->bd", state, C.float())
+    if D is not None:
+        y = y + x * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+class TorchOps:
+    """The pure-PyTorch path: runs on every device, differentiable, tested against the kernels on CUDA."""
+
+    causal_conv1d = staticmethod(causal_conv1d)
+    causal_conv1d_update = staticmethod(causal_conv1d_update)
+    selective_scan = staticmethod(selective_scan)
+    selective_state_update = staticmethod(selective_state_update)
+
+
+def ops_for(tensor):
+    """The one dispatch point between the mamba_ssm / causal_conv1d CUDA kernels and the PyTorch path.
+
+    The CUDA kernels are not wired in yet, so every tensor takes the PyTorch path. They are only ever to be
+    imported lazily from here: `import mamba_ssm` raises on a machine without CUDA.
+    """
+    return TorchOps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache
+
+
+class HMambaCache:
+    """Constant-size recurrent state for HMamba generation.
+
+    Why not transformers' DynamicCache: it holds per-layer conv/recurrent states on one clock, while HMamba's
+    H-stack steps only when a chunk completes, and between chunk boundaries the hierarchy needs state of its own:
+    the running pool of the current chunk, the last H update every token receives, and each row's position in
+    its chunk (rows of a left-padded batch cross chunk boundaries at different steps). So the model builds this
+    cache itself (`HMambaForCausalLM._supports_default_dynamic_cache` is False, as for transformers' other
+    recurrent models) and generate() threads it through as `cache_params`. Every tensor is allocated once, so its
+    memory does not grow with the number of generated tokens.
+    """
+
+    def __init__(self, config, batch_size, dtype=torch.float32, device=None):
+        layers, dim = config.num_hidden_layers, config.intermediate_size
+        self.chunk_size = config.chunk_size
+        self.conv_states = torch.zeros(layers, batch_size, dim, config.conv_kernel, dtype=dtype, device=device)
+        self.ssm_states = torch.zeros(layers, batch_size, dim, config.state_size, dtype=torch.float32, device=device)
+        self.pool = torch.zeros(batch_size, config.hidden_size, dtype=torch.float32, device=device)  # sum over chunk
+        self.update = torch.zeros(batch_size, config.hidden_size, dtype=torch.float32, device=device)  # last H update
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens seen per row
+        self.has_previous_state = False
+
+    @property
+    def batch_size(self):
+        return self.position.shape[0]
+
+    def tensors(self):
+        return [self.conv_states, self.ssm_states, self.pool, self.update, self.position]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: every state (L, H, out layers, pool, update, position) follows its beam."""
+        self.conv_states = self.conv_states.index_select(1, beam_idx.to(self.conv_states.device))
+        self.ssm_states = self.ssm_states.index_select(1, beam_idx.to(self.ssm_states.device))
+        self.pool, self.update, self.position = (t.index_select(0, beam_idx.to(t.device)) for t in self.tensors()[2:])
+
+    def get_seq_length(self, layer_idx=0):
+        return int(self.position.max()) if self.has_previous_state else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba block
+
+
+class HMambaRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class HMambaMixer(nn.Module):
+    """The selective SSM of the Mamba paper: in_proj -> causal conv1d -> SiLU -> x_proj -> dt_proj ->
+    selective scan (A = -exp(A_log), D skip) -> gate by SiLU(z) -> out_proj. Every projection is called as a
+    module, so wrappers around it (PEFT LoRA, quantized linears) take effect."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx  # index into the cache, counted over L, H and out layers
+        d_inner, d_state, rank = config.intermediate_size, config.state_size, config.time_step_rank
+        self.config = config
+        self.in_proj = nn.Linear(config.hidden_size, 2 * d_inner, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            d_inner, d_inner, config.conv_kernel, groups=d_inner, padding=config.conv_kernel - 1, bias=config.use_conv_bias
+        )
+        self.x_proj = nn.Linear(d_inner, rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, hidden_states, cache=None, mask=None):
+        # hidden_states: (B, T, hidden). A cache that holds a previous state is stepped by one token; a fresh one
+        # receives the states at the end of this sequence.
+        ops = ops_for(hidden_states)
+        rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
+        if mask is not None:
+            x = x * mask[:, None, :].to(x.dtype)  # padding leaves every state untouched
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        conv_weight = self.conv1d.weight.squeeze(1)  # (d_inner, W)
+
+        if cache is not None and cache.has_previous_state:
+            x = ops.causal_conv1d_update(x[..., 0], cache.conv_states[self.layer_idx], conv_weight, self.conv1d.bias, "silu")
+            dt, B, C = self.x_proj(x).split([rank, d_state, d_state], dim=-1)
+            y = ops.selective_state_update(
+                cache.ssm_states[self.layer_idx], x, self.dt_proj(dt), A, B, C, self.D, z[..., 0], dt_softplus=True
+            )
+            return self.out_proj(y[:, None, :])
+
+        if cache is not None:
+            width = conv_weight.shape[1]
+            cache.conv_states[self.layer_idx].copy_(F.pad(x, (max(0, width - x.shape[-1]), 0))[..., -width:])
+        x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, "silu")
+        if mask is not None:
+            x = x * mask[:, None, :].to(x.dtype)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([rank, d_state, d_state], dim=-1)  # (B, T, .)
+        y, last_state = ops.selective_scan(
+            x, self.dt_proj(dt).transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D, z,
+            delta_softplus=True, return_last_state=True,
+        )
+        if cache is not None:
+            cache.ssm_states[self.layer_idx].copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))  # (B, T, hidden)
+
+
+class HMambaBlock(GradientCheckpointingLayer):
+    """x = x + mixer(RMSNorm(x)), the residual kept in float32 when `residual_in_fp32`."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = HMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = HMambaMixer(config, layer_idx)
+
+    def forward(self, hidden_states, cache=None, mask=None):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        return residual + self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), cache, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hierarchy: causal down- and up-sampling between token rate and chunk rate
+
+
+class Chunking:
+    """Which tokens form which chunk, per row, counted from each row's first real token.
+
+    Token positions come from the attention mask (cumsum - 1; padding is -1). Chunk j of a row covers its
+    positions [j*s, (j+1)*s) and is complete at position j*s + s - 1, so token t may use chunk j only if
+    j <= (t + 1) // s - 1 (strict causality). Only complete chunks reach the H-stack: T // s positions without
+    padding. Chunks are right-aligned across rows (left padding at chunk rate), so the H-stack's final state is
+    each row's state after its own last complete chunk, as the cache needs.
+    """
+
+    def __init__(self, attention_mask, length, chunk_size, device):
+        s = chunk_size
+        if attention_mask is None:
+            positions = torch.arange(length, device=device)[None, :]
+            first, lengths = torch.zeros(1, dtype=torch.long, device=device), torch.full((1,), length, device=device)
+        else:
+            mask = attention_mask.bool()
+            positions = mask.long().cumsum(-1) - 1
+            positions = positions.masked_fill(~mask, -1)
+            first, lengths = mask.long().argmax(-1), mask.sum(-1)
+        self.positions = positions  # (B, T)
+        self.complete = lengths // s  # (B,) complete chunks per row
+        self.num_chunks = int(self.complete.max())
+        slots = torch.arange(self.num_chunks, device=device)[None, :]
+        chunk = slots - (self.num_chunks - self.complete[:, None])  # (B, Nc): chunk index in each slot
+        self.chunk_mask = chunk >= 0  # (B, Nc)
+        # token index of every member of every chunk: (B, Nc, s)
+        self.members = first[:, None, None] + chunk.clamp(min=0)[..., None] * s + torch.arange(s, device=device)
+        # for each token, the slot of its last complete chunk, and whether it has one
+        last = (positions + 1) // s - 1  # (B, T)
+        self.token_slot = (last + self.num_chunks - self.complete[:, None]).clamp(min=0)
+        self.token_has_chunk = (positions >= 0) & (last >= 0)
+        self.lengths, self.chunk_size = lengths, s
+
+    def down(self, x, pooling):
+        """(B, T, D) -> (B, Nc, D): each complete chunk's summary."""
+        b, _, d = x.shape
+        members = self.members if pooling == "mean" else self.members[..., -1:]
+        idx = members.expand(b, -1, -1).reshape(b, -1, 1).expand(-1, -1, d)
+        z = x.gather(1, idx).view(b, self.num_chunks, -1, d)
+        z = z.mean(2) if pooling == "mean" else z[:, :, 0]
+        return z * self.chunk_mask[..., None].to(z.dtype)
+
+    def up(self, u):
+        """(B, Nc, D) -> (B, T, D): each token's update from its last complete chunk (zero before the first)."""
+        b, d = u.shape[0], u.shape[-1]
+        idx = self.token_slot.expand(b, -1)
+        out = u.gather(1, idx[..., None].expand(-1, -1, d))
+        return out * self.token_has_chunk[..., None].to(out.dtype)
+
+    def partial_pool(self, x):
+        """(B, T, D) -> (B, D): sum over the tokens of each row's incomplete last chunk (float32)."""
+        in_partial = self.positions >= (self.complete * self.chunk_size)[:, None]
+        return (x.float() * in_partial[..., None]).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class HMambaOutput(ModelOutput):
+    """last_hidden_state (B, T, D); cache_params: the HMambaCache to continue from; hidden_states: the output of
+    every layer at token rate (H layers as seen by the tokens after fusion) and the final normed state."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache_params: HMambaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class HMambaCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache_params: HMambaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class HMambaPreTrainedModel(PreTrainedModel):
+    config_class = HMambaConfig
+    config: HMambaConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["HMambaBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Mamba's init: torch's default (kaiming uniform) projections, dt bias the inverse softplus of
+        dt ~ logUniform[dt_min, dt_max], A_log = log(1..N), D = 1, out_proj scaled by 1/sqrt(layers)."""
+        config = self.config
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, HMambaRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, HMambaMixer):
+            for linear in (module.in_proj, module.x_proj, module.out_proj, module.conv1d):
+                init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+                if linear.bias is not None:
+                    init.zeros_(linear.bias)
+            if config.rescale_prenorm_residual:
+                init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
+            dt_std = config.time_step_rank**-0.5 * config.time_step_scale
+            if config.time_step_init_scheme == "constant":
+                init.constant_(module.dt_proj.weight, dt_std)
+            else:
+                init.uniform_(module.dt_proj.weight, -dt_std, dt_std)
+            log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+            dt = torch.exp(torch.rand(config.intermediate_size) * (log_max - log_min) + log_min)
+            dt = dt.clamp(min=config.time_step_floor)
+            init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            A = torch.arange(1, config.state_size + 1, dtype=torch.float32).expand(config.intermediate_size, -1)
+            init.copy_(module.A_log, torch.log(A))
+            init.ones_(module.D)
+
+
+class HMambaModel(HMambaPreTrainedModel):
+    """The HMamba backbone: embeddings, L-stack, down, H-stack, up, out layers, norm_f."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        nl, nh, no = config.num_low_layers, config.num_high_layers, config.num_out_layers
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.low_layers = nn.ModuleList(HMambaBlock(config, i) for i in range(nl))
+        self.high_layers = nn.ModuleList(HMambaBlock(config, nl + i) for i in range(nh))
+        self.out_layers = nn.ModuleList(HMambaBlock(config, nl + nh + i) for i in range(no))
+        self.norm_f = HMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        cache_params=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        attention_mask=None,
+        **kwargs,
+    ):
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("HMamba needs exactly one of input_ids or inputs_embeds.")
+
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        cache = cache_params
+        if cache is None and use_cache:
+            cache = HMambaCache(config, x.shape[0], dtype=x.dtype, device=x.device)
+        if cache is not None and cache.batch_size != x.shape[0]:
+            raise ValueError(
+                f"cache_params holds {cache.batch_size} rows but the input has {x.shape[0]}: pass the cache returned "
+                "for this batch, or none to start afresh."
+            )
+
+        if cache is not None and cache.has_previous_state:
+            # continuing from a cache: step through the new tokens one at a time
+            steps = [self._step(x[:, t : t + 1], cache, output_hidden_states) for t in range(x.shape[1])]
+            x = torch.cat([h[-1] for h in steps], dim=1)
+            hidden = tuple(torch.cat(layer, dim=1) for layer in zip(*steps)) if output_hidden_states else None
+        else:
+            hidden = self._sequence(x, cache, attention_mask)
+            x = hidden[-1]
+            if cache is not None:
+                cache.has_previous_state = True
+
+        if not output_hidden_states:
+            hidden = None
+        if not return_dict:
+            return tuple(v for v in (x, cache if use_cache else None, hidden) if v is not None)
+        return HMambaOutput(last_hidden_state=x, cache_params=cache if use_cache else None, hidden_states=hidden)
+
+    def _sequence(self, x, cache, attention_mask):
+        """Full-sequence pass (training, scoring, prefill into a fresh cache). Returns every layer's output at
+        token rate, then the normed final state."""
+        mask = None if attention_mask is None else attention_mask.to(x.device)
+        if cache is not None and mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError(
+                "HMamba can only prefill a cache from a left-padded batch (the last column of attention_mask must "
+                "be all ones): set tokenizer.padding_side = 'left' for generation."
+            )
+        hidden = []
+        for block in self.low_layers:  # L-stack, token rate
+            x = block(x, cache, mask)
+            hidden.append(x)
+        x_low = x
+
+        chunks = Chunking(mask, x.shape[1], self.config.chunk_size, x.device)
+        if self.high_layers and chunks.num_chunks > 0:
+            z = chunks.down(x_low, self.config.pooling)  # (B, T // s, D)
+            h = z
+            for block in self.high_layers:  # H-stack, chunk rate
+                h = block(h, cache, chunks.chunk_mask)
+                hidden.append(x_low + chunks.up(h - z))  # as the tokens see it after fusion
+            x = hidden[-1]  # fuse: x_L + up(H(z) - z)
+            if cache is not None:
+                cache.update.copy_(h[:, -1] - z[:, -1])  # chunks are right-aligned: the last slot is the latest
+        else:
+            hidden.extend([x_low] * len(self.high_layers))
+        if cache is not None:
+            cache.position.copy_(chunks.lengths.expand(x.shape[0]))
+            if self.config.pooling == "mean":
+                cache.pool.copy_(chunks.partial_pool(x_low))
+
+        for block in self.out_layers:  # token rate
+            x = block(x, cache, mask)
+            hidden.append(x)
+        hidden.append(self.norm_f(x))
+        return hidden
+
+    def _step(self, x, cache, output_hidden_states):
+        """One token per row from the cache: L and out layers step every token, the H-stack only for the rows
+        whose chunk completes at this token; the other rows keep adding the last H update. (In hidden_states
+        every H entry is the fused state here: per-layer H updates are not kept in the cache.)"""
+        hidden = []
+        for block in self.low_layers:
+            x = block(x, cache)
+            hidden.append(x)
+
+        if self.high_layers:
+            s, pooling = self.config.chunk_size, self.config.pooling
+            if pooling == "mean":
+                cache.pool += x[:, 0].float()
+            completes = (cache.position % s) == s - 1  # (B,)
+            if bool(completes.any()):
+                z = x[:, 0] if pooling == "last" else (cache.pool / s).to(x.dtype)  # (B, D)
+                first = self.high_layers[0].mixer.layer_idx
+                high = slice(first, first + len(self.high_layers))
+                partial = not bool(completes.all())
+                if partial:
+                    saved = cache.conv_states[high].clone(), cache.ssm_states[high].clone()
+                h = z[:, None]
+                for block in self.high_layers:
+                    h = block(h, cache)
+                if partial:  # rows in mid-chunk keep their H states
+                    keep = ~completes[None, :, None, None]
+                    cache.conv_states[high] = torch.where(keep, saved[0], cache.conv_states[high])
+                    cache.ssm_states[high] = torch.where(keep, saved[1], cache.ssm_states[high])
+                cache.update.copy_(torch.where(completes[:, None], (h[:, 0] - z).float(), cache.update))
+                cache.pool.masked_fill_(completes[:, None], 0.0)
+            x = x + (cache.update if self.config.residual_in_fp32 else cache.update.to(x.dtype))[:, None]
+            hidden.extend([x] * len(self.high_layers))
+        cache.position += 1
+
+        for block in self.out_layers:
+            x = block(x, cache)
+            hidden.append(x)
+        hidden.append(self.norm_f(x))
+        return hidden if output_hidden_states else hidden[-1:]
+
+
+class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.backbone = HMambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # the model builds its own HMambaCache (see its docstring)
+
+    def prepare_inputs_for_generation(self, input_ids, cache_params=None, use_cache=None, attention_mask=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, cache_params=cache_params, use_cache=use_cache, attention_mask=attention_mask, **kwargs
+        )
+        if use_cache and cache_params is not None and cache_params.has_previous_state:
+            model_inputs["attention_mask"] = None  # new tokens are all real; positions live in the cache
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        cache_params=None,
+        labels=None,
+        output_hidden_states=None,
+        return_dict=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        r"""labels (B, T): shifted inside the model (labels = input_ids works), -100 is ignored.
+        logits_to_keep: int k keeps the last k positions (0 = all), a 1-D tensor keeps those indices."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            attention_mask=attention_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return HMambaCausalLMOutput(
+            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["HMambaCache", "HMambaForCausalLM", "HMambaModel", "HMambaPreTrainedModel"]
