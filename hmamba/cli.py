@@ -1,0 +1,70 @@
+"""`hmamba` command line: thin argparse wrappers over library functions."""
+
+import argparse
+import sys
+
+
+def _add_generate(sub):
+    p = sub.add_parser(
+        "generate",
+        help="generate text with an HMamba model (default: build, save, reload and run the embedded tiny model)",
+        description="Generate text. Without --model, builds the embedded default HMamba (hmamba/configs/tiny.json, "
+        "byte-level tokenizer, random weights), saves it, loads it back through AutoModelForCausalLM and generates.",
+    )
+    p.add_argument("--model", default=None, help="saved model folder or Hub id (default: the embedded tiny model)")
+    p.add_argument("--save-dir", default=None, help="where to save the embedded default model (default: a temp dir)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat for a left-padded batch (default: 'In the beginning')")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-k", type=int, default=50, help="top-k sampling cut-off (with --do-sample)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32)")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args):
+    from .generate import run
+
+    run(
+        model_path=args.model,
+        prompts=args.prompt or ["In the beginning"],
+        save_dir=args.save_dir,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="hmamba", description="Hierarchical Mamba language models for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    from .conversion.cli import add_convert, add_export
+
+    add_convert(sub)
+    add_export(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"hmamba {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

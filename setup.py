@@ -1,0 +1,28 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'^__version__ = "([^"]+)"', (here / "hmamba" / "__init__.py").read_text(), re.M).group(1)
+
+setup(
+    name="hmamba",
+    version=version,
+    description="Hierarchical Mamba language models (fast L-stack, slow H-stack) for the Hugging Face ecosystem",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hmamba", "hmamba.*"]),
+    package_data={"hmamba": ["configs/*.json"]},
+    install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0"],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "train": ["accelerate>=1.0", "peft>=0.13", "datasets>=3.0"],
+        "eval": ["lm-eval>=0.4", "matplotlib>=3.8"],
+        # build notes (CPU torch vs GPU) are in the README
+        "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+    },
+    entry_points={"console_scripts": ["hmamba=hmamba.cli:main"]},
+)
