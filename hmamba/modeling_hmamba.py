@@ -354,7 +354,8 @@ class Chunking:
         chunk = slots - (self.num_chunks - self.complete[:, None])  # (B, Nc): chunk index in each slot
         self.chunk_mask = chunk >= 0  # (B, Nc)
         # token index of every member of every chunk: (B, Nc, s)
-        self.members = first[:, None, None] + chunk.clamp(min=0)[..., None] * s + torch.arange(s, device=device)
+        members = first[:, None, None] + chunk.clamp(min=0)[..., None] * s + torch.arange(s, device=device)
+        self.members = members.clamp(max=length - 1)  # empty slots point anywhere valid; they are zeroed
         # for each token, the slot of its last complete chunk, and whether it has one
         last = (positions + 1) // s - 1  # (B, T)
         self.token_slot = (last + self.num_chunks - self.complete[:, None]).clamp(min=0)

@@ -1,0 +1,129 @@
+"""Incremental decoding: cache == uncached forward, generate() modes, constant cache size, left padding."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+
+@pytest.mark.parametrize("chunk_size,pooling,split", [
+    (1, "last", (2, 2, 1)), (3, "last", (2, 2, 1)), (4, "mean", (1, 3, 0)), (2, "mean", (0, 2, 2)),
+    (5, "last", (2, 0, 1)),
+])
+def test_cached_steps_equal_uncached_forward(chunk_size, pooling, split):
+    nl, nh, no = split
+    model = tiny_model(chunk_size=chunk_size, pooling=pooling, num_low_layers=nl, num_high_layers=nh,
+                       num_out_layers=no)
+    rng = random.Random(chunk_size)
+    for _ in range(4):
+        total = rng.randint(chunk_size + 2, 4 * chunk_size + 6)
+        prompt = rng.randint(1, total - 1)  # crosses chunk boundaries at random offsets
+        ids = torch.randint(2, 64, (2, total))
+        with torch.no_grad():
+            full = model(ids).logits
+            out = model(ids[:, :prompt], use_cache=True)
+            steps = [out.logits]
+            for t in range(prompt, total):
+                out = model(ids[:, t : t + 1], cache_params=out.cache_params, use_cache=True)
+                steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_multi_token_continuation_from_cache():
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :7], use_cache=True)
+        rest = model(ids[:, 7:], cache_params=first.cache_params, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4])
+def test_greedy_generate_same_with_and_without_cache(chunk_size):
+    model = tiny_model(chunk_size=chunk_size)
+    ids = torch.randint(2, 64, (2, 6))
+    kwargs = dict(max_new_tokens=15, min_new_tokens=15, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+    uncached = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
+    assert cached.shape == (2, 21)
+    assert torch.equal(cached, uncached)
+
+
+def test_cache_size_is_constant():
+    model = tiny_model(chunk_size=4, pooling="mean")
+    ids = torch.randint(2, 64, (1, 5))
+    sizes = []
+    for n in (10, 500):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        assert out.sequences.shape[1] == 5 + n
+        cache = out.past_key_values  # generate() returns the cache_params object under this name
+        sizes.append(cache.nbytes())
+        assert int(cache.position[0]) in (5 + n - 1, 5 + n)  # the last token need not be fed back
+    assert sizes[0] == sizes[1] > 0
+
+
+@pytest.mark.parametrize("chunk_size,pooling", [(3, "last"), (4, "mean"), (1, "last")])
+def test_left_padded_batch_equals_each_prompt_alone(chunk_size, pooling):
+    model = tiny_model(chunk_size=chunk_size, pooling=pooling)
+    torch.manual_seed(1)
+    prompts = [torch.randint(2, 64, (n,)) for n in (3, 8, 5, 11)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
+    with torch.no_grad():
+        padded_logits = model(ids, attention_mask=mask).logits
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+        assert torch.equal(batched[i], alone[0, len(p):]), i
+        with torch.no_grad():
+            alone_logits = model(p[None]).logits
+        torch.testing.assert_close(padded_logits[i, width - len(p):], alone_logits[0], atol=1e-5, rtol=0)
+
+
+def test_right_padded_prefill_into_cache_is_refused():
+    model = tiny_model()
+    ids = torch.randint(2, 64, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        model(ids, attention_mask=mask, use_cache=True)
+
+
+def test_sampling_and_num_return_sequences():
+    model = tiny_model(chunk_size=2)
+    ids = torch.randint(2, 64, (2, 5))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9, do_sample=True,
+                  top_k=20, temperature=1.3, num_return_sequences=3, pad_token_id=0)
+    torch.manual_seed(7)
+    a = model.generate(ids, **kwargs)
+    torch.manual_seed(7)
+    b = model.generate(ids, **kwargs)
+    assert a.shape == (6, 14) and torch.equal(a, b)
+    assert torch.equal(a[:, :5], ids.repeat_interleave(3, 0))
+    assert len({tuple(r.tolist()) for r in a[:3]}) > 1  # samples differ
+
+
+def test_beam_search_reorders_every_state():
+    model = tiny_model(chunk_size=3, pooling="mean")
+    ids = torch.randint(2, 64, (2, 7))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, num_beams=3,
+                  do_sample=False, pad_token_id=0, early_stopping=True)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_cache_from_another_batch_is_refused():
+    model = tiny_model()
+    out = model(torch.randint(2, 64, (2, 4)), use_cache=True)
+    with pytest.raises(ValueError, match="cache_params holds 2 rows but the input has 3"):
+        model(torch.randint(2, 64, (3, 1)), cache_params=out.cache_params)

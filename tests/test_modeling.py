@@ -1,0 +1,248 @@
+"""The model: config validation, flat-Mamba equivalence, causality, chunk rate, scan, HF conventions."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
+
+from hmamba import HMambaConfig, HMambaForCausalLM, HMambaModel
+from hmamba.modeling_hmamba import selective_scan
+
+from conftest import flat_mamba_to_hmamba, tiny_config, tiny_model
+
+
+# ---- config ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("chunk_size", 0, "chunk_size=0 is invalid: chunk_size must be an integer >= 1"),
+    ("chunk_size", -2, "chunk_size must be an integer >= 1"),
+    ("num_low_layers", -1, "num_low_layers must be an integer >= 0"),
+    ("pooling", "max", "pooling must be one of ('last', 'mean')"),
+    ("hidden_size", 0, "hidden_size must be an integer >= 1"),
+    ("time_step_rank", 0, "time_step_rank"),
+])
+def test_config_rejects_invalid_values(field, value, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(**{field: value})
+
+
+def test_config_needs_a_layer():
+    with pytest.raises(ValueError, match="needs a layer"):
+        tiny_config(num_low_layers=0, num_high_layers=0, num_out_layers=0)
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config(chunk_size=5, pooling="mean", time_step_rank="auto")
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, HMambaConfig)
+    assert (loaded.chunk_size, loaded.pooling, loaded.time_step_rank, loaded.intermediate_size) == (5, "mean", 1, 32)
+
+
+# ---- chunk_size=1 is a flat Mamba -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", [(2, 3, 0), (0, 5, 0), (5, 0, 0), (1, 2, 2)])
+def test_chunk_size_1_equals_transformers_mamba(split):
+    nl, nh, no = split
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=5,
+                                         expand=2, conv_kernel=4)).eval()
+    with torch.no_grad():
+        for name, p in mamba.named_parameters():
+            if name.endswith(("A_log", "D", "norm.weight")):
+                p.add_(0.3 * torch.randn_like(p))
+    hm = HMambaForCausalLM(tiny_config(num_low_layers=nl, num_high_layers=nh, num_out_layers=no, chunk_size=1)).eval()
+    hm.load_state_dict(flat_mamba_to_hmamba(mamba.state_dict(), nl, nh), strict=True)
+    ids = torch.randint(0, 64, (2, 23))
+    with torch.no_grad():
+        ref = mamba(ids, output_hidden_states=True)
+        out = hm(ids, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 6
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# ---- causality and chunk rate ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size,pooling", [(1, "last"), (2, "mean"), (3, "last"), (4, "mean"), (5, "last")])
+def test_strict_causality(chunk_size, pooling):
+    model = tiny_model(chunk_size=chunk_size, pooling=pooling)
+    rng = random.Random(chunk_size)
+    for _ in range(6):
+        length = rng.randint(2, 4 * chunk_size + 3)
+        t = rng.randrange(length - 1)
+        ids = torch.randint(0, 64, (2, length))
+        changed = ids.clone()
+        changed[:, t + 1:] = torch.randint(0, 64, (2, length - t - 1))
+        with torch.no_grad():
+            a, b = model(ids).logits, model(changed).logits
+        torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=0, rtol=0)
+        assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 0  # the future does reach later positions
+
+
+def test_future_tokens_reach_the_h_stack_only_after_their_chunk_completes():
+    # a token's change reaches the tokens' H update only once its chunk (positions 4..7) is complete
+    model = tiny_model(chunk_size=4, num_low_layers=1, num_high_layers=2, num_out_layers=0)
+    ids = torch.randint(0, 64, (1, 12))
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % 64
+    with torch.no_grad():
+        a, b = model(ids, output_hidden_states=True), model(changed, output_hidden_states=True)
+    h_a, h_b = a.hidden_states[2], b.hidden_states[2]  # after H layer 1, token rate
+    l_a, l_b = a.hidden_states[0], b.hidden_states[0]
+    # the H update differs from position 7 (end of chunk 1) on, not at 5 or 6
+    upd_a, upd_b = h_a - l_a, h_b - l_b
+    torch.testing.assert_close(upd_a[:, :7], upd_b[:, :7], atol=1e-6, rtol=0)  # (x + u) - x rounds
+    assert (upd_a[:, 7:] - upd_b[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("length,chunk_size", [(17, 4), (16, 4), (3, 4), (25, 1), (9, 3)])
+def test_h_stack_runs_on_complete_chunks_only(length, chunk_size):
+    model = tiny_model(chunk_size=chunk_size)
+    seen = []
+    model.backbone.high_layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, length)))
+    expected = length // chunk_size
+    assert seen == ([expected] if expected else [])
+    assert expected <= -(-length // chunk_size) and (chunk_size == 1 or expected < length)
+
+
+def test_mean_and_last_pooling_differ():
+    ids = torch.randint(0, 64, (1, 12))
+    a = tiny_model(pooling="last")
+    b = tiny_model(pooling="mean")
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    torch.testing.assert_close(la[:, :2], lb[:, :2])  # before the first complete chunk, no H update at all
+    assert (la[:, 2:] - lb[:, 2:]).abs().max() > 1e-4
+
+
+# ---- selective scan -------------------------------------------------------------------------------------
+
+def reference_scan(u, delta, A, B, C, D, z, h0=None):
+    """The Mamba recurrence, one step at a time, plain autograd (layouts as mamba_ssm)."""
+    delta = F.softplus(delta)
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1]) if h0 is None else h0
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1) + u * D[:, None]
+    return y * F.silu(z), h
+
+
+@pytest.mark.parametrize("length", [1, 7, 300])
+def test_selective_scan_matches_reference_forward_and_backward(length):
+    torch.manual_seed(length)
+    b, d, n = 2, 6, 3
+    inputs = dict(u=torch.randn(b, d, length), delta=torch.randn(b, d, length), A=-torch.rand(d, n) * 3,
+                  B=torch.randn(b, n, length), C=torch.randn(b, n, length), D=torch.randn(d), z=torch.randn(b, d, length))
+    h0 = torch.randn(b, d, n)
+    ref_inputs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    ref_h0 = h0.clone().requires_grad_()
+    our_inputs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    our_h0 = h0.clone().requires_grad_()
+    y_ref, h_ref = reference_scan(**ref_inputs, h0=ref_h0)
+    y, h = selective_scan(**our_inputs, delta_softplus=True, return_last_state=True, initial_state=our_h0)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-4)
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    ((y_ref * gy).sum() + (h_ref * gh).sum()).backward()
+    ((y * gy).sum() + (h * gh).sum()).backward()
+    for k in inputs:
+        torch.testing.assert_close(our_inputs[k].grad, ref_inputs[k].grad, atol=1e-4, rtol=1e-3, msg=k)
+    torch.testing.assert_close(our_h0.grad, ref_h0.grad, atol=1e-4, rtol=1e-3)
+
+
+# ---- transformers conventions ---------------------------------------------------------------------------
+
+def test_loss_is_shifted_cross_entropy(model):
+    ids = torch.randint(0, 64, (2, 11))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(ids, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_logits_to_keep_and_return_dict(model):
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        picked = model(ids, logits_to_keep=torch.tensor([0, 4])).logits
+        as_tuple = model(ids, return_dict=False, use_cache=False)
+    assert last.shape == (2, 1, 64)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(picked, full[:, [0, 4]])
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], full)
+
+
+def test_inputs_embeds_equals_input_ids(model):
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        a = model(ids).logits
+        b = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(ids, inputs_embeds=model.get_input_embeddings()(ids))
+
+
+def test_tied_embeddings_and_init(model):
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    fresh = HMambaForCausalLM(tiny_config(state_size=5))
+    mixer = fresh.backbone.high_layers[0].mixer
+    torch.testing.assert_close(mixer.A_log, torch.log(torch.arange(1, 6.0)).expand(32, -1))
+    torch.testing.assert_close(mixer.D, torch.ones(32))
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6  # dt in [time_step_min, time_step_max]
+    assert set(fresh._no_split_modules) == {"HMambaBlock"} and fresh.supports_gradient_checkpointing
+    assert fresh.config_class is HMambaConfig and fresh.base_model_prefix == "backbone"
+
+
+def test_auto_classes():
+    kwargs = {k: v for k, v in tiny_config().to_diff_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("hmamba", **kwargs)
+    assert isinstance(AutoModel.from_config(config), HMambaModel)
+    assert isinstance(AutoModelForCausalLM.from_config(config), HMambaForCausalLM)
+
+
+def _saved_bytes(model, ids):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids).loss.backward()
+    return total
+
+
+def test_gradient_checkpointing_same_gradients_less_memory():
+    model = tiny_model(num_low_layers=3, num_high_layers=3, num_out_layers=2).train()
+    ids = torch.randint(0, 64, (2, 40))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_bytes = grads(), _saved_bytes(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, ckpt_bytes = grads(), _saved_bytes(model, ids)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_no_mamba_ssm_import_on_cpu():
+    import sys
+
+    assert "mamba_ssm" not in sys.modules and "causal_conv1d" not in sys.modules

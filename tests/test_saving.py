@@ -1,0 +1,85 @@
+"""save_pretrained / from_pretrained, in process and through trust_remote_code without hmamba installed."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import hmamba
+from hmamba import HMambaForCausalLM
+from hmamba.generate import build_default_model, builtin_config
+
+from conftest import tiny_model
+
+PACKAGE = Path(hmamba.__file__).parent
+
+
+def test_save_writes_safetensors_and_code(tmp_path):
+    model = tiny_model(chunk_size=4, pooling="mean")
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_hmamba.py", "configuration_hmamba.py"} <= files
+    assert not any(f.endswith(".bin") for f in files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_hmamba.HMambaConfig",
+                        "AutoModelForCausalLM": "modeling_hmamba.HMambaForCausalLM"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert loaded.lm_head.weight is loaded.backbone.embeddings.weight
+
+
+def test_trust_remote_code_without_hmamba(tmp_path):
+    model = tiny_model(chunk_size=3)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+sys.modules["hmamba"] = None  # any `import hmamba` now raises ImportError
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+with torch.no_grad():
+    torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=0, rtol=0)
+    out = model.generate(expected["ids"], attention_mask=torch.ones_like(expected["ids"]), max_new_tokens=5,
+                         do_sample=False, pad_token_id=0)
+assert out.shape == (2, 16)
+print("remote code OK")
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code OK" in result.stdout
+
+
+def test_shipped_model_files_import_only_torch_and_transformers():
+    for name in ("modeling_hmamba.py", "configuration_hmamba.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = {"." if node.level else node.module.split(".")[0]}
+                if node.level:
+                    assert node.module == "configuration_hmamba", (name, node.module)
+            else:
+                continue
+            assert roots <= {"math", "dataclasses", "torch", "transformers", "."}, (name, roots)
+
+
+def test_embedded_default_model_round_trip(tmp_path):
+    files = build_default_model(tmp_path)
+    assert {"model.safetensors", "modeling_hmamba.py", "tokenizer_config.json"} <= set(files)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert model.config.chunk_size == builtin_config().chunk_size > 1
+    assert isinstance(model, torch.nn.Module) and model.num_parameters() > 100_000
