@@ -21,7 +21,7 @@ def add_convert(sub):
 
 
 def _convert(args):
-    from .convert import convert, format_summary
+    from .checkpoints import convert, format_summary
 
     summary = convert(args.src, args.out, low_layers=args.low_layers, out_layers=args.out_layers,
                       chunk_size=args.chunk_size, pooling=args.pooling, dtype=args.dtype, overwrite=args.overwrite)
@@ -43,6 +43,6 @@ def add_export(sub):
 
 
 def _export(args):
-    from .convert import export, format_summary
+    from .checkpoints import export, format_summary
 
     print(format_summary(export(args.src, args.out, layout=args.layout, overwrite=args.overwrite)))

@@ -58,7 +58,7 @@ def resolve_source(src):
 def load_state_dict(folder):
     """All tensors of a checkpoint folder: safetensors first (single or sharded), else .bin with
     weights_only=True (a pickle that would run code is refused)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -78,7 +78,7 @@ def load_state_dict(folder):
                 part = load_file(path)
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (SafetensorsError, RuntimeError, OSError, EOFError) as e:
+        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
             raise CheckpointError(f"cannot read {path}: {e}. Is the file truncated or corrupted?") from e
         except Exception as e:  # torch.load(weights_only=True) refusing a pickle that would run code
             raise CheckpointError(f"refusing to load {path}: {e}") from e
