@@ -24,6 +24,11 @@ TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(js
                              r"added_tokens\.json|generation_config\.json)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
+# fields that mean the same in transformers' MambaConfig and HMambaConfig
+SHARED_CONFIG_KEYS = ("vocab_size", "hidden_size", "state_size", "conv_kernel", "expand", "time_step_rank",
+                      "use_conv_bias", "use_bias", "residual_in_fp32", "layer_norm_epsilon", "time_step_scale",
+                      "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor", "pad_token_id",
+                      "bos_token_id", "eos_token_id")
 
 
 class CheckpointError(ValueError):
@@ -164,10 +169,7 @@ def _from_mamba_ssm_config(cfg):
 
 
 def _from_hf_config(cfg):
-    keys = ["vocab_size", "hidden_size", "state_size", "conv_kernel", "expand", "time_step_rank", "use_conv_bias",
-            "use_bias", "residual_in_fp32", "layer_norm_epsilon", "time_step_scale", "time_step_min",
-            "time_step_max", "time_step_init_scheme", "time_step_floor", "pad_token_id", "bos_token_id", "eos_token_id"]
-    kwargs = {k: cfg[k] for k in keys if k in cfg}
+    kwargs = {k: cfg[k] for k in SHARED_CONFIG_KEYS if k in cfg}
     kwargs["num_layers"] = cfg["num_hidden_layers"]
     kwargs["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
     return kwargs
@@ -326,10 +328,7 @@ def export(src, out, layout="hf", overwrite=False):
 def _write_hf(config, layers, embedding, norm_f, lm_head, folder):
     from transformers import MambaConfig, MambaForCausalLM
 
-    keys = ["vocab_size", "hidden_size", "state_size", "conv_kernel", "expand", "time_step_rank", "use_conv_bias",
-            "use_bias", "residual_in_fp32", "layer_norm_epsilon", "time_step_scale", "time_step_min", "time_step_max",
-            "time_step_init_scheme", "time_step_floor", "pad_token_id", "bos_token_id", "eos_token_id",
-            "tie_word_embeddings"]
+    keys = SHARED_CONFIG_KEYS + ("tie_word_embeddings",)
     mamba_config = MambaConfig(num_hidden_layers=config.num_hidden_layers, **{k: getattr(config, k) for k in keys})
     with torch.device("meta"):
         model = MambaForCausalLM(mamba_config)
