@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hmamba", "hmamba.*"]),
     package_data={"hmamba": ["configs/*.json"]},
-    install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0"],
+    install_requires=["torch>=2.4", "transformers>=5.23,<5.24", "safetensors>=0.4", "huggingface_hub>=1.0"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
         "train": ["accelerate>=1.0", "peft>=0.13", "datasets>=3.0"],
