@@ -482,7 +482,9 @@ class HMambaModel(HMambaPreTrainedModel):
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
-        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        if use_cache is None:  # by default no cache in training, nor for a right-padded batch (scoring)
+            right_padded = attention_mask is not None and not bool(attention_mask[:, -1].all())
+            use_cache = config.use_cache and not self.training and not right_padded
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if (input_ids is None) == (inputs_embeds is None):

@@ -89,13 +89,18 @@ def test_left_padded_batch_equals_each_prompt_alone(chunk_size, pooling):
         torch.testing.assert_close(padded_logits[i, width - len(p):], alone_logits[0], atol=1e-5, rtol=0)
 
 
-def test_right_padded_prefill_into_cache_is_refused():
+def test_right_padded_prefill_into_cache_is_refused_but_scoring_works():
     model = tiny_model()
     ids = torch.randint(2, 64, (2, 6))
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0
     with pytest.raises(ValueError, match="left-padded"):
         model(ids, attention_mask=mask, use_cache=True)
+    with torch.no_grad():  # eval-mode scoring of a right-padded batch (no cache asked for) just works
+        out = model(ids, attention_mask=mask, labels=ids)
+        alone = model(ids[:1, :4]).logits
+    assert out.cache_params is None
+    torch.testing.assert_close(out.logits[:1, :4], alone, atol=1e-5, rtol=0)
 
 
 def test_sampling_and_num_return_sequences():
