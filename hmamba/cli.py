@@ -53,11 +53,16 @@ def build_parser():
 
     add_convert(sub)
     add_export(sub)
+    from .train_cli import add_train
+
+    add_train(sub)
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, recorded in what it makes (train_results.json, model cards)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

