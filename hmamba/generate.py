@@ -134,6 +134,6 @@ def run(model_path=None, prompts=("In the beginning",), save_dir=None, **generat
             untrained = HMambaForCausalLM(model.config).to(model.device, model.dtype).eval()
             trained_ppl, untrained_ppl = perplexity(model, held_out[1]), perplexity(untrained, held_out[1])
             line += (f"\nheld-out perplexity on {held_out[0]}: {trained_ppl:.2f} trained vs {untrained_ppl:.2f} "
-                     f"untrained (uniform over {len(tokenizer)} tokens: {len(tokenizer)})")
+                     f"untrained (a uniform guess scores {len(tokenizer)})")
     print(line)
     return texts

@@ -292,3 +292,19 @@ def test_main_command_generates_with_the_shipped_model(tmp_path, capsys):
     assert "--- 'In the beginning' ->" in out and "held-out perplexity on" in out
     assert {"modeling_hmamba.py", "configuration_hmamba.py", "model.safetensors"} <= set(os.listdir(tmp_path / "m"))
     assert "auto_map" in json.loads((tmp_path / "m" / "config.json").read_text())
+
+
+def test_hierarchy_vs_flat_example_runs_end_to_end(tmp_path, corpus):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    try:
+        import hierarchy_vs_flat
+    finally:
+        sys.path.pop(0)
+    hierarchy_vs_flat.main(["--data", corpus, "--out", str(tmp_path), "--hidden-size", "16", "--steps", "2",
+                            "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2", "--chunk-sizes", "4",
+                            "--finetune-steps", "2"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["flat", "hmamba-c4"]
+    assert len({r["parameters"] for r in results["runs"]}) == 1  # same parameter count
+    assert results["finetune"]["before_bits_per_byte"] > 0 and (tmp_path / "hierarchy_vs_flat.png").stat().st_size
+    assert "| flat | 6/0/0 | 1 |" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,37 @@
+"""Copy a finished `hmamba train` run into hmamba/pretrained/NAME, the model `hmamba generate` ships with.
+
+Keeps the weights, config, tokenizer, generation config and train_results.json (without the per-step log);
+drops checkpoints and the remote-code .py files (the package itself provides the classes; save_pretrained
+writes the .py files again when the model is saved for sharing).
+
+    python scripts/ship_pretrained.py runs/kjv kjv-small
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+KEEP = ("model.safetensors", "generation_config.json", "tokenizer_config.json")
+
+
+def ship(run_dir, name):
+    run_dir, target = Path(run_dir), Path(__file__).parents[1] / "hmamba" / "pretrained" / name
+    staging = target.with_name(f".{name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for file in KEEP:
+        shutil.copy(run_dir / file, staging / file)
+    config = json.loads((run_dir / "config.json").read_text())
+    config.pop("auto_map", None)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    results = json.loads((run_dir / "train_results.json").read_text())
+    results.pop("log_history", None)
+    (staging / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    print(f"shipped {run_dir} as {target}: {sorted(p.name for p in target.iterdir())}")
+
+
+if __name__ == "__main__":
+    ship(*sys.argv[1:3])
