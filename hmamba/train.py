@@ -17,11 +17,11 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, pack, split_blocks
+from .generate import builtin_config
 from .modeling_hmamba import HMambaForCausalLM
 
 LORA_MODULES = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -156,8 +156,6 @@ def build_model(model=None, config="tiny", config_overrides=None, tokenizer=None
             raise ValueError("config overrides apply to a new model; a pretrained one keeps its own config")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True, dtype=dtype), tokenizer
-    from .generate import builtin_config
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else default_tokenizer()
     cfg = builtin_config(config) if not str(config).endswith(".json") else HMambaConfig.from_json_file(config)
     overrides = dict(config_overrides or {})
