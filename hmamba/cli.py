@@ -53,6 +53,10 @@ def build_parser():
 
     add_convert(sub)
     add_export(sub)
+    from .eval.cli import add_bench, add_eval
+
+    add_eval(sub)
+    add_bench(sub)
     return parser
 
 
