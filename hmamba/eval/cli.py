@@ -41,3 +41,52 @@ def _eval(args):
     run(args.model, tasks=args.tasks, text=args.text, model_type=args.model_type, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, limit=limit, num_fewshot=args.num_fewshot,
         max_length=args.max_length, strides=strides, output=args.output)
+
+
+def _ints(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r}: expected integers separated by commas, e.g. 128,1024") from None
+
+
+def add_bench(sub):
+    from .bench import PRESETS, SECTIONS
+
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory vs transformers' MambaForCausalLM on the same weights (table, JSON, PNG)",
+        description="Prefill tokens/s over lengths, decode latency and tokens/s over batch sizes, peak memory, a "
+        "training step over lengths, and this machine's matmul and bandwidth floors; HMamba at several chunk sizes "
+        "side by side with transformers' MambaForCausalLM (and mamba_ssm on CUDA), in one run, on the same weights.",
+    )
+    p.add_argument("--preset", default="130m", choices=sorted(PRESETS),
+                   help="model shapes and default lists (default: 130m = 768 wide, 24 layers, vocab 50280)")
+    p.add_argument("--quick", action="store_const", const="quick", dest="preset",
+                   help="the tiny 'quick' preset (seconds; for checking the command)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, comma-separated (default: all of "
+                   f"{','.join(SECTIONS)})")
+    p.add_argument("--chunk-sizes", type=_ints, default=None, help="HMamba chunk sizes, e.g. 1,4,16 (default: preset)")
+    p.add_argument("--lengths", type=_ints, default=None, help="prefill lengths, e.g. 128,1024 (default: preset)")
+    p.add_argument("--batch-sizes", type=_ints, default=None, help="decode batch sizes, e.g. 1,4 (default: preset)")
+    p.add_argument("--decode-tokens", type=_ints, default=None,
+                   help="generated-token counts (two or more) for decode latency and memory (default: preset)")
+    p.add_argument("--train-lengths", type=_ints, default=None, help="training-step lengths (default: preset)")
+    p.add_argument("--anchor-train-max", type=int, default=512,
+                   help="longest T for the anchor's training step, whose backward is quadratic (default: 512)")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per cell after a warm-up (default: preset)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32)")
+    p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go (default: "
+                   "bench-results)")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args):
+    from .bench import run
+
+    run(out_dir=args.out_dir, preset=args.preset, device=args.device, dtype=args.dtype,
+        sections=tuple(s for s in args.only.split(",") if s), chunk_sizes=args.chunk_sizes, lengths=args.lengths,
+        batch_sizes=args.batch_sizes, decode_tokens=args.decode_tokens, train_lengths=args.train_lengths,
+        anchor_train_max=args.anchor_train_max, repeat=args.repeat)
