@@ -481,6 +481,8 @@ def plot(result, path):
         ax.set_xlabel(xlabel)
         if section != "decode_memory":
             ax.set_xscale("log", base=2)
+        if ykey == "peak_mib":
+            ax.set_ylim(bottom=0)
         if series:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -61,11 +61,11 @@ def write_json_atomic(path, data):
 
 
 def evaluate(model, tasks, model_type="hmamba", batch_size=1, device="cpu", dtype="float32", limit=None,
-             num_fewshot=None, log_samples=False):
+             num_fewshot=None, log_samples=False, model_args=None):
     """Run lm-eval's `simple_evaluate` on a checkpoint folder or Hub id. tasks: list or comma-separated names
     (the offline hmamba_* tasks, or harness tasks such as lambada_openai when the Hub is reachable).
-    model_type "hmamba" uses HMambaLM, "hf" the stock HFLM with trust_remote_code=True. Returns lm-eval's
-    results dict."""
+    model_type "hmamba" uses HMambaLM, "hf" the stock HFLM with trust_remote_code=True; model_args: more keyword
+    arguments for either (e.g. max_length, add_bos_token). Returns lm-eval's results dict."""
     import lm_eval
 
     from . import lm  # noqa: F401  (registers --model hmamba)
@@ -81,7 +81,7 @@ def evaluate(model, tasks, model_type="hmamba", batch_size=1, device="cpu", dtyp
         raise FileNotFoundError(f"model {model!r} is not a local folder and the Hugging Face Hub is offline")
     manager = task_manager()
     check_tasks(tasks, manager)
-    model_args = dict(pretrained=str(model), dtype=dtype, trust_remote_code=True)
+    model_args = dict(pretrained=str(model), dtype=dtype, trust_remote_code=True, **(model_args or {}))
     try:
         return lm_eval.simple_evaluate(model=model_type, model_args=model_args, tasks=tasks, batch_size=batch_size,
                                        device=device, limit=limit, num_fewshot=num_fewshot, task_manager=manager,

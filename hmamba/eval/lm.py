@@ -21,17 +21,19 @@ import hmamba  # noqa: F401  (registers HMamba with the Auto classes: no trust_r
 class HMambaLM(HFLM):
     """HFLM for HMamba checkpoints (a folder, Hub id or an HMambaForCausalLM instance).
 
-    Differences from `--model hf`: decoder-only backend and the hmamba package's own model code; scoring calls
-    build no recurrent cache. HMamba has no position limit; `max_length` (default 2048) only sets the windows of
+    Differences from `--model hf`: decoder-only backend, the hmamba package's own model code, scoring calls build
+    no recurrent cache, and `add_bos_token=False` by default: strings are encoded without special tokens (Mamba's
+    GPT-NeoX tokenizer adds none anyway; T5-style byte tokenizers would append EOS to every context). HMamba has no position limit; `max_length` (default 2048) only sets the windows of
     loglikelihood_rolling and the truncation of long contexts. Right-padded scoring batches give the numbers of
     batch size 1 (the model is causal, padding only follows the real tokens); generation left-pads and HMamba
     counts chunk boundaries from each row's first real token, so a batch generates what each prompt does alone.
     """
 
-    def __init__(self, pretrained, backend="causal", max_length=2048, **kwargs):
+    def __init__(self, pretrained, backend="causal", max_length=2048, add_bos_token=False, **kwargs):
         if backend != "causal":
             raise ValueError(f"HMamba is a causal LM: backend={backend!r} is not supported (use 'causal')")
-        super().__init__(pretrained=pretrained, backend="causal", max_length=max_length, **kwargs)
+        super().__init__(pretrained=pretrained, backend="causal", max_length=max_length, add_bos_token=add_bos_token,
+                         **kwargs)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         mixed = self.mixed_precision_dtype
