@@ -39,8 +39,9 @@ def perplexity(model, input_ids, segment_length=2048):
 def sliding_window_perplexity(model, input_ids, max_length=1024, stride=512):
     """Perplexity with the usual sliding window of fixed-context models: windows of `max_length` tokens start
     every `stride` tokens and each scores only the tokens the previous window did not, so every token is scored
-    once, with at least `max_length - stride` tokens of context (all of them near the start). No state crosses
-    windows: the number to compare with transformer results; `perplexity` is the exact one. Same return dict."""
+    once, with at least `max_length - stride` tokens of context (all of them near the start); with stride ==
+    max_length the first token of each window has no context and is not scored ("tokens" counts the scored).
+    No state crosses windows: the number to compare with transformer results; `perplexity` is the exact one."""
     ids = torch.as_tensor(input_ids).reshape(1, -1).to(model.device)
     if ids.shape[1] < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {ids.shape[1]}")
@@ -48,19 +49,20 @@ def sliding_window_perplexity(model, input_ids, max_length=1024, stride=512):
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if not 1 <= stride <= max_length:
         raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
-    total, scored_until = 0.0, 1  # token 0 has no context: it is never scored
+    total, count, scored_until = 0.0, 0, 1  # token 0 has no context: it is never scored
     for begin in range(0, ids.shape[1], stride):
         end = min(begin + max_length, ids.shape[1])
         if end <= scored_until:
             continue
         window = ids[:, begin:end]
         logits = model(window, use_cache=False).logits.float()[0, :-1]  # position i predicts token i + 1
-        new = end - scored_until  # the last `new` targets of this window
-        total += F.cross_entropy(logits[-new:], window[0, -new:], reduction="sum").item()
+        new = min(end - scored_until, end - begin - 1)  # the last `new` targets of this window
+        if new > 0:
+            total += F.cross_entropy(logits[-new:], window[0, -new:], reduction="sum").item()
+            count += new
         scored_until = end
         if end == ids.shape[1]:
             break
-    count = ids.shape[1] - 1
     return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count}
 
 
