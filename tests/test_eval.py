@@ -39,8 +39,9 @@ def _reference_sliding_window(model, ids, max_length, stride):
         labels = window.clone()
         labels[:, : -(end - prev_end)] = -100
         scored = (labels[:, 1:] != -100).sum().item()
-        with torch.no_grad():
-            nll += model(window, labels=labels).loss.item() * scored
+        if scored:  # a 1-token last window scores nothing
+            with torch.no_grad():
+                nll += model(window, labels=labels).loss.item() * scored
         count += scored
         prev_end = end
         if end == len(ids):
