@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hmamba", "hmamba.*"]),
-    package_data={"hmamba": ["configs/*.json"]},
+    package_data={"hmamba": ["configs/*.json", "eval/tasks/*.yaml", "eval/tasks/*.py", "eval/tasks/data/*"]},
     install_requires=["torch>=2.4", "transformers>=5.23,<5.24", "safetensors>=0.4", "huggingface_hub>=1.0"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
