@@ -15,7 +15,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hmamba", "hmamba.*"]),
-    package_data={"hmamba": ["configs/*.json", "pretrained/*/*"]},
+    package_data={"hmamba": ["configs/*.json", "pretrained/*/*", "eval/tasks/*.yaml", "eval/tasks/*.py",
+                             "eval/tasks/data/*"]},
     install_requires=["torch>=2.4", "transformers>=5.23,<5.24", "safetensors>=0.4", "huggingface_hub>=1.0"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"],

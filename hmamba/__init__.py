@@ -1,7 +1,10 @@
 """hmamba: hierarchical Mamba language models for the Hugging Face ecosystem.
 
-Importing the package registers HMamba with AutoConfig, AutoModel and AutoModelForCausalLM.
+Importing the package registers HMamba with AutoConfig, AutoModel and AutoModelForCausalLM, and, when lm-eval is
+already imported, `--model hmamba` with lm-eval's registry (lazily: hmamba never imports lm-eval itself).
 """
+
+import sys
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -18,5 +21,12 @@ AutoModelForCausalLM.register(HMambaConfig, HMambaForCausalLM, exist_ok=True)
 HMambaConfig.register_for_auto_class()
 HMambaModel.register_for_auto_class("AutoModel")
 HMambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+if "lm_eval" in sys.modules:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: it fills an empty registry only)
+    from lm_eval.api.registry import model_registry
+
+    if "hmamba" not in model_registry:
+        model_registry.register("hmamba", target="hmamba.eval.lm:HMambaLM")
 
 __all__ = ["HMambaCache", "HMambaConfig", "HMambaForCausalLM", "HMambaModel", "HMambaPreTrainedModel", "__version__"]

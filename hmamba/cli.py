@@ -56,6 +56,10 @@ def build_parser():
     from .train_cli import add_train
 
     add_train(sub)
+    from .eval.cli import add_bench, add_eval
+
+    add_eval(sub)
+    add_bench(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hmamba.eval import perplexity
+from hmamba.eval import perplexity, sliding_window_perplexity
 
 from conftest import tiny_model
 
@@ -28,3 +28,42 @@ def test_perplexity_bad_input():
         perplexity(model, torch.tensor([3]))
     with pytest.raises(ValueError, match="segment_length must be >= 1"):
         perplexity(model, torch.tensor([3, 4, 5]), segment_length=0)
+
+
+def _reference_sliding_window(model, ids, max_length, stride):
+    """The transformers documentation's recipe: labels -100 on the context part of each window."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        window = ids[begin:end][None]
+        labels = window.clone()
+        labels[:, : -(end - prev_end)] = -100
+        scored = (labels[:, 1:] != -100).sum().item()
+        if scored:  # a 1-token last window scores nothing
+            with torch.no_grad():
+                nll += model(window, labels=labels).loss.item() * scored
+        count += scored
+        prev_end = end
+        if end == len(ids):
+            break
+    return nll / count, count
+
+
+@pytest.mark.parametrize("max_length,stride", [(8, 4), (8, 8), (29, 29), (10, 3), (64, 5)])
+def test_sliding_window_perplexity_matches_the_reference_recipe(max_length, stride):
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (30,))
+    nll, count = _reference_sliding_window(model, ids, max_length, stride)
+    result = sliding_window_perplexity(model, ids, max_length=max_length, stride=stride)
+    assert result["tokens"] == count == (29 if stride < max_length else 29 - len(range(max_length, 30, stride)))
+    assert abs(result["nll"] - nll) < 1e-5
+    if max_length >= len(ids):  # one window: the exact number
+        assert abs(result["nll"] - perplexity(model, ids)["nll"]) < 1e-5
+
+
+def test_sliding_window_bad_input():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="stride must be in 1..max_length"):
+        sliding_window_perplexity(model, torch.arange(2, 20), max_length=4, stride=5)
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        sliding_window_perplexity(model, torch.arange(2, 20), max_length=1, stride=1)

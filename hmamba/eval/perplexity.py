@@ -1,6 +1,7 @@
 """Perplexity of a long token stream with a recurrent model: exact, in constant memory."""
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -32,3 +33,61 @@ def perplexity(model, input_ids, segment_length=2048):
         total += F.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
     count = ids.shape[1] - 1
     return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+@torch.no_grad()
+def sliding_window_perplexity(model, input_ids, max_length=1024, stride=512):
+    """Perplexity with the usual sliding window of fixed-context models: windows of `max_length` tokens start
+    every `stride` tokens and each scores only the tokens the previous window did not, so every token is scored
+    once, with at least `max_length - stride` tokens of context (all of them near the start); with stride ==
+    max_length the first token of each window has no context and is not scored ("tokens" counts the scored).
+    No state crosses windows: the number to compare with transformer results; `perplexity` is the exact one."""
+    ids = torch.as_tensor(input_ids).reshape(1, -1).to(model.device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.shape[1]}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+    total, count, scored_until = 0.0, 0, 1  # token 0 has no context: it is never scored
+    for begin in range(0, ids.shape[1], stride):
+        end = min(begin + max_length, ids.shape[1])
+        if end <= scored_until:
+            continue
+        window = ids[:, begin:end]
+        logits = model(window, use_cache=False).logits.float()[0, :-1]  # position i predicts token i + 1
+        new = min(end - scored_until, end - begin - 1)  # the last `new` targets of this window
+        if new > 0:
+            total += F.cross_entropy(logits[-new:], window[0, -new:], reduction="sum").item()
+            count += new
+        scored_until = end
+        if end == ids.shape[1]:
+            break
+    return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def text_perplexity(model, tokenizer, text, max_length=1024, strides=(512,), segment_length=2048):
+    """Perplexity of a text: the exact recurrent number, then one sliding-window row per stride. Each row has
+    method, tokens, nll, perplexity, bits_per_byte (total nats / ln 2 / UTF-8 bytes of the text) and seconds."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    nbytes = len(text.encode("utf-8"))
+    runs = [("exact (state carried across segments)", lambda: perplexity(model, ids, segment_length))]
+    runs += [(f"sliding window {max_length}, stride {s}", lambda s=s: sliding_window_perplexity(model, ids, max_length, s))
+             for s in strides]
+    rows = []
+    for method, fn in runs:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        bits_per_byte = result["nll"] * result["tokens"] / math.log(2) / nbytes
+        rows.append(dict(method=method, **result, bits_per_byte=bits_per_byte, seconds=seconds))
+    return rows
+
+
+def format_perplexity_table(rows):
+    lines = [f"| {'method':42s} | {'tokens':>8s} | {'nll':>7s} | {'perplexity':>10s} | {'bits/byte':>9s} | {'s':>6s} |",
+             f"|{'-' * 44}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 11}|{'-' * 8}|"]
+    for r in rows:
+        lines.append(f"| {r['method']:42s} | {r['tokens']:8d} | {r['nll']:7.4f} | {r['perplexity']:10.3f} | "
+                     f"{r['bits_per_byte']:9.4f} | {r['seconds']:6.2f} |")
+    return "\n".join(lines)

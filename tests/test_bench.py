@@ -1,0 +1,74 @@
+"""`hmamba bench`: the models it compares share weights, its FLOP and memory accounting, and the report files."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hmamba.cli import main
+from hmamba.eval.bench import PeakMemory, anchor_model, hmamba_from_anchor, matmul_flops, run
+
+
+def test_hmamba_from_anchor_chunk_size_1_computes_the_anchor():
+    anchor = anchor_model(vocab=64, width=16, layers=4).eval()
+    ours = hmamba_from_anchor(anchor, 1).eval()
+    ids = torch.randint(0, 64, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, use_cache=False).logits, anchor(ids, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_matmul_flops_count_every_linear_call(chunk_size):
+    anchor = anchor_model(vocab=64, width=16, layers=4)
+    model = hmamba_from_anchor(anchor, chunk_size).eval()
+    counted = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: counted.append(2 * inp[0].numel() // mod.in_features
+                                                                          * mod.in_features * mod.out_features))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 32)), use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert matmul_flops(model, 32) == sum(counted)
+    assert matmul_flops(anchor, 32) >= matmul_flops(model, 32)
+
+
+def test_peak_memory_sees_a_cpu_tensor_allocation():
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(16 * 2**20)  # 64 MiB, written so that it is resident
+        del x
+    if mem.bytes is None:
+        pytest.skip("peak memory needs Linux /proc/self/clear_refs, which this system lacks")
+    assert 60 * 2**20 < mem.bytes < 200 * 2**20
+
+
+def test_quick_bench_writes_table_json_and_png(tmp_path):
+    lines = []
+    result = run(out_dir=tmp_path, preset="quick", chunk_sizes=(1, 2), lengths=(8, 16), batch_sizes=(1, 2),
+                 decode_tokens=(1, 3), train_lengths=(8,), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    models = ["transformers Mamba", "hmamba s=1", "hmamba s=2"]
+    cells = {(r["section"], r["model"], r["x"]) for r in data["records"]}
+    for m in models:
+        assert {("prefill", m, 8), ("prefill", m, 16), ("decode", m, 1), ("decode", m, 2), ("train", m, 8),
+                ("decode_memory", m, 1), ("decode_memory", m, 3)} <= cells
+    assert set(data["floors"]["prefill"]) == set(models) and data["floors"]["gemm_flops_per_s"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in data["records"] if "tokens_per_s" in r)
+    tables = result["tables"]
+    for title in ("prefill: tokens/s", "decode: latency", "decode memory", "training step", "floors:", "peak memory:"):
+        assert title in tables
+    assert "| 16 | " in tables and "x) |" in tables  # a length row with ratios against the anchor
+    assert any(line.startswith("summary:") for line in lines)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bench_bad_input(tmp_path, capsys):
+    assert main(["bench", "--quick", "--only", "prefill,nap", "--out-dir", str(tmp_path)]) == 2
+    assert "hmamba bench: error: unknown section(s) ['nap']" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--decode-tokens", "4", "--out-dir", str(tmp_path)]) == 2
+    assert "two or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--lengths", "x"])
