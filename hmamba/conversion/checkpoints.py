@@ -12,12 +12,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_output_dir
 from ..configuration_hmamba import HMambaConfig
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
@@ -177,29 +176,6 @@ def _from_hf_config(cfg):
 
 # ---------------------------------------------------------------------------------------------------------
 # writing
-
-
-@contextmanager
-def atomic_output_dir(out, overwrite=False):
-    """Yield a temporary folder beside OUT; move it into place only if the block completes, so a failed or
-    interrupted run never leaves a half-written OUT (and a previous OUT survives until the new one is whole)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _progress(iterable, desc, total):
