@@ -14,7 +14,6 @@ from hmamba.generate import build_default_model, builtin_config
 from conftest import tiny_model
 
 
-
 def test_save_writes_safetensors_and_code(tmp_path):
     model = tiny_model(chunk_size=4, pooling="mean")
     model.save_pretrained(tmp_path)
