@@ -42,9 +42,11 @@ from .configuration_hmamba import HMambaConfig
 # CUDA kernels of mamba_ssm / causal_conv1d can stand in for them behind the one dispatch point `ops_for`.
 
 
-def to_dtype(x, dtype):
-    """Cast a float32 result to the model's dtype; float16 is clamped to its finite range first, so activations
-    beyond 65504 (which Mamba reaches in large models) saturate instead of becoming inf and then NaN."""
+def to_dtype(x, dtype=None):
+    """Cast x to dtype (default: its own). float16 is clamped to its finite range, so activations beyond 65504
+    (which the residual stream and out_proj of large Mamba models reach) saturate instead of becoming inf and then
+    NaN in the next norm (as T5 does in float16)."""
+    dtype = dtype or x.dtype
     if dtype == torch.float16:
         x = x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     return x.to(dtype)
@@ -354,7 +356,7 @@ class HMambaBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, cache=None, mask=None):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        out = residual + self.mixer(self.norm(hidden_states), cache, mask)
+        out = residual + to_dtype(self.mixer(self.norm(hidden_states), cache, mask))
         return out if self.residual_in_fp32 else to_dtype(out, hidden_states.dtype)
 
 
@@ -674,10 +676,10 @@ class HMambaModel(HMambaPreTrainedModel):
                 "empty prompt with the BOS token)."
             )
         if input_ids is not None and input_ids.device.type != "cuda":
-            low, high = torch.aminmax(input_ids)
+            low, high = (t.item() for t in torch.aminmax(input_ids))
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
-                    f"token ids must be in [0, vocab_size={config.vocab_size}), got ids from {int(low)} to {int(high)}: "
+                    f"token ids must be in [0, vocab_size={config.vocab_size}), got ids from {low} to {high}: "
                     "the tokenizer does not match the model (after adding tokens, call model.resize_token_embeddings)."
                 )
         if cache is not None:

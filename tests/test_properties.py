@@ -111,7 +111,12 @@ def test_save_then_load_gives_the_same_logits(case):
         loaded = HMambaForCausalLM.from_pretrained(folder).eval()
     drop = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
     assert drop(loaded.config.to_dict()) == drop(model.config.to_dict())
-    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    saved_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert saved_state.keys() == loaded_state.keys()
+    assert all(torch.equal(saved_state[k], loaded_state[k]) for k in saved_state)  # every weight bit for bit
+    # logits to float rounding only: the loaded weights are memory-mapped at safetensors' 8-byte offsets, and the
+    # CPU matmul kernels round differently for differently aligned (but equal) inputs (seen: 3e-8 at width 13)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-6, rtol=1e-6)
 
 
 @given(model_and_ids())
