@@ -195,8 +195,11 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     kwargs, layout, layers, embedding, norm_f, lm_head = read_mamba(folder)
     n = len(layers)
     low_layers = n // 2 if low_layers is None else low_layers
-    if not 0 <= out_layers <= n:
-        raise CheckpointError(f"--out-layers {out_layers} is out of range: the checkpoint has {n} layers (0..{n})")
+    if not 0 <= out_layers < n:
+        raise CheckpointError(
+            f"--out-layers {out_layers} is out of range: the checkpoint has {n} layers and at least one must stay in "
+            f"the L or H stack (0..{n - 1})"
+        )
     if not 0 <= low_layers <= n - out_layers:
         raise CheckpointError(
             f"--low-layers {low_layers} is out of range: with {n} layers and --out-layers {out_layers} it must be "
