@@ -618,6 +618,7 @@ class HMambaModel(HMambaPreTrainedModel):
         **kwargs,
     ):
         config = self.config
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache_params)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         if use_cache is None:  # by default no cache in training, nor for a right-padded batch (scoring)
@@ -625,7 +626,6 @@ class HMambaModel(HMambaPreTrainedModel):
             use_cache = config.use_cache and not self.training and not right_padded
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache_params)
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         cache = cache_params

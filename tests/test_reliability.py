@@ -83,6 +83,8 @@ def test_attention_mask_values_and_shape(model):
         model(ids, attention_mask=torch.ones(2, 7, dtype=torch.long))
     with pytest.raises(ValueError, match=r"attention_mask must have shape .* got \(1, 6\)"):
         model(ids, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape .* got \(6,\)"):
+        model(ids[:1], attention_mask=torch.ones(6, dtype=torch.long))
     bool_mask = torch.ones(2, 6, dtype=torch.bool)  # bool and float 0/1 masks are fine
     torch.testing.assert_close(model(ids, attention_mask=bool_mask).logits, model(ids, attention_mask=mask.clamp(max=1.0).float()).logits)
 
