@@ -92,6 +92,12 @@ class HMambaConfig(PretrainedConfig):
             _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
         total = num_low_layers + num_high_layers + num_out_layers
         _check("num_low_layers + num_high_layers + num_out_layers", total, total >= 1, ">= 1 (the model needs a layer)")
+        _check(
+            "num_low_layers + num_high_layers",
+            num_low_layers + num_high_layers,
+            num_low_layers + num_high_layers >= 1,
+            ">= 1 (the hierarchy needs an L or H layer; a flat Mamba is num_low_layers=N with chunk_size=1)",
+        )
         _check("pooling", pooling, pooling in POOLING_MODES, f"one of {POOLING_MODES}")
         _check(
             "time_step_rank",
@@ -143,6 +149,23 @@ class HMambaConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reader, refusing a config.json of another model: loading a Mamba or GPT config as HMamba
+        would otherwise fill every missing field with a default and build a different model than the file's."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") != cls.model_type:
+            hint = (
+                " It is a Mamba checkpoint: convert it with `hmamba convert SRC OUT` (chunk_size=1 reproduces it)."
+                if config_dict.get("model_type") == "mamba" or "d_model" in config_dict
+                else ""
+            )
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has a config.json with model_type={config_dict.get('model_type')!r}, "
+                f"not {cls.model_type!r}: it is not an HMamba config.{hint}"
+            )
+        return config_dict, kwargs
 
     @property
     def num_hidden_layers(self):

@@ -19,6 +19,11 @@ with `trust_remote_code=True` where the hmamba package is not installed.
 """
 
 import math
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +40,16 @@ from .configuration_hmamba import HMambaConfig
 # ----------------------------------------------------------------------------------------------------------
 # Ops: pure-PyTorch causal conv1d and selective scan, in mamba_ssm's layouts (channels before time), so that the
 # CUDA kernels of mamba_ssm / causal_conv1d can stand in for them behind the one dispatch point `ops_for`.
+
+
+def to_dtype(x, dtype=None):
+    """Cast x to dtype (default: its own). float16 is clamped to its finite range, so activations beyond 65504
+    (which the residual stream and out_proj of large Mamba models reach) saturate instead of becoming inf and then
+    NaN in the next norm (as T5 does in float16)."""
+    dtype = dtype or x.dtype
+    if dtype == torch.float16:
+        x = x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    return x.to(dtype)
 
 
 def causal_conv1d(x, weight, bias=None, activation=None):
@@ -151,7 +166,7 @@ def selective_scan(
         y = y + u * D.float()[:, None]
     if z is not None:
         y = y * F.silu(z.float())
-    y = y.to(dtype)
+    y = to_dtype(y, dtype)
     return (y, last_state) if return_last_state else y
 
 
@@ -170,7 +185,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         y = y + x * D.float()
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(dtype)
+    return to_dtype(y, dtype)
 
 
 class TorchOps:
@@ -221,6 +236,25 @@ class HMambaCache:
     def batch_size(self):
         return self.position.shape[0]
 
+    def check(self, config, batch_size):
+        """Raise if this cache cannot continue a batch of `batch_size` rows of a model with `config` (shapes only:
+        no device sync)."""
+        if self.batch_size != batch_size:
+            raise ValueError(
+                f"cache_params holds {self.batch_size} rows but the input has {batch_size}: pass the cache returned "
+                "for this batch, or none to start afresh."
+            )
+        layers, _, dim, width = self.conv_states.shape
+        found = (layers, dim, width, self.ssm_states.shape[-1], self.pool.shape[-1], self.chunk_size)
+        expected = (config.num_hidden_layers, config.intermediate_size, config.conv_kernel, config.state_size,
+                    config.hidden_size, config.chunk_size)
+        if found != expected:
+            names = "(layers, intermediate_size, conv_kernel, state_size, hidden_size, chunk_size)"
+            raise ValueError(
+                f"cache_params was built for another config: {names} = {found}, this model has {expected}. "
+                "A cache only continues the model that made it."
+            )
+
     def tensors(self):
         return [self.conv_states, self.ssm_states, self.pool, self.update, self.position]
 
@@ -248,10 +282,10 @@ class HMambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x):
-        dtype = x.dtype
+        """Normalised in float32 (from a float32 residual as it is), returned in the weight's dtype."""
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return self.weight * to_dtype(x, self.weight.dtype)
 
 
 class HMambaMixer(nn.Module):
@@ -310,7 +344,9 @@ class HMambaMixer(nn.Module):
 
 
 class HMambaBlock(GradientCheckpointingLayer):
-    """x = x + mixer(RMSNorm(x)), the residual kept in float32 when `residual_in_fp32`."""
+    """x = x + mixer(RMSNorm(x)), the residual kept in float32 when `residual_in_fp32` (as mamba_ssm's Block: the
+    stream between blocks is float32, the mixer runs in the weights' dtype). The norm reads the float32 residual
+    directly, so a half-precision model never rounds (or, in float16, overflows) the residual before normalising."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -320,7 +356,8 @@ class HMambaBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, cache=None, mask=None):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        return residual + self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), cache, mask)
+        out = residual + to_dtype(self.mixer(self.norm(hidden_states), cache, mask))
+        return out if self.residual_in_fp32 else to_dtype(out, hidden_states.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,6 +422,51 @@ class Chunking:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Files: atomic writes and strict loading
+
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+STRUCTURE = ("num_low_layers", "num_high_layers", "num_out_layers", "chunk_size", "pooling")
+
+
+@contextmanager
+def atomic_dir(out, replace=True):
+    """Yield an empty temporary folder beside OUT; only when the block completes does its content move into OUT,
+    so an error or interrupt mid-write leaves OUT as it was (and no temporary folder behind).
+
+    replace=True: OUT becomes exactly the new folder (one rename; a previous OUT is swapped out, then deleted).
+    replace=False: each new file is renamed into OUT (each rename atomic); OUT's other files stay, except weight
+    files of a previous save that the new one does not overwrite (as save_pretrained cleans stale shards).
+    """
+    out = os.path.abspath(os.fspath(out))
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
+    try:
+        yield tmp
+        if not os.path.isdir(out) or not os.listdir(out):
+            if os.path.isdir(out):
+                os.rmdir(out)
+            os.replace(tmp, out)
+        elif replace:
+            old = f"{tmp}.old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            new = set(os.listdir(tmp))
+            for f in sorted(new):
+                os.replace(os.path.join(tmp, f), os.path.join(out, f))
+            for f in sorted(set(os.listdir(out)) - new):
+                if WEIGHT_FILE.match(f):
+                    os.remove(os.path.join(out, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -413,6 +495,62 @@ class HMambaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["HMambaBlock"]
     supports_gradient_checkpointing = True
     _is_stateful = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, written to a temporary folder and renamed into SAVE_DIRECTORY when
+        complete (`atomic_dir`, replace=False: other files there, e.g. a tokenizer, stay)."""
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        with atomic_dir(save_directory, replace=False) as tmp:
+            return super().save_pretrained(tmp, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, strict: weights that do not fit the model (another layer split, another
+        model) raise instead of loading partially with the rest randomly initialised; a config that changes the
+        saved structure (chunk_size, pooling, layer split) raises; an unreadable weights file names itself.
+        .bin files load with torch.load(weights_only=True), so a pickle that would run code is refused."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except Exception as e:
+            if type(e).__name__ == "SafetensorError":  # safetensors is not imported here (trust_remote_code file)
+                raise OSError(
+                    f"cannot read the weights of {pretrained_model_name_or_path}: {e}. The .safetensors file is "
+                    "truncated or corrupted: save or download it again."
+                ) from e
+            if "weights_only" in str(e):
+                raise OSError(
+                    f"refusing to load {pretrained_model_name_or_path}: its .bin pickle would run code or holds "
+                    f"objects other than tensors ({type(e).__name__}). Use safetensors weights."
+                ) from e
+            raise
+        problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):
+            details = "; ".join(f"{k.replace('_', ' ')} ({len(v)}): {v[:4]}" for k, v in problems.items() if v)
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} do not match an HMamba with num_low_layers="
+                f"{model.config.num_low_layers}, num_high_layers={model.config.num_high_layers}, num_out_layers="
+                f"{model.config.num_out_layers}: {details}. Load with the checkpoint's own config.json (no overrides)."
+            )
+        cls._check_structure(pretrained_model_name_or_path, model.config, kwargs)
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _check_structure(cls, path, config, kwargs):
+        """The saved config.json and the loaded model agree on the fields no weight shape reveals (chunk_size,
+        pooling) and the layer split."""
+        if not os.path.isfile(os.path.join(os.fspath(path), kwargs.get("subfolder", ""), "config.json")):
+            return  # a Hub id: its config was read from the same snapshot as the weights
+        saved, _ = HMambaConfig.get_config_dict(path, subfolder=kwargs.get("subfolder", ""))
+        changed = {k: (saved.get(k), getattr(config, k)) for k in STRUCTURE if saved.get(k) != getattr(config, k)}
+        if changed:
+            diff = ", ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"{path} was saved with another structure ({diff}): its weights were trained for the saved one. "
+                "Load it without overriding these fields; to reuse the weights differently on purpose, load it as "
+                "saved and change model.config afterwards."
+            )
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -480,6 +618,7 @@ class HMambaModel(HMambaPreTrainedModel):
         **kwargs,
     ):
         config = self.config
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache_params)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         if use_cache is None:  # by default no cache in training, nor for a right-padded batch (scoring)
@@ -487,18 +626,11 @@ class HMambaModel(HMambaPreTrainedModel):
             use_cache = config.use_cache and not self.training and not right_padded
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("HMamba needs exactly one of input_ids or inputs_embeds.")
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         cache = cache_params
         if cache is None and use_cache:
             cache = HMambaCache(config, x.shape[0], dtype=x.dtype, device=x.device)
-        if cache is not None and cache.batch_size != x.shape[0]:
-            raise ValueError(
-                f"cache_params holds {cache.batch_size} rows but the input has {x.shape[0]}: pass the cache returned "
-                "for this batch, or none to start afresh."
-            )
 
         if cache is not None and cache.has_previous_state:
             # continuing from a cache: step through the new tokens one at a time
@@ -516,6 +648,59 @@ class HMambaModel(HMambaPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (x, cache if use_cache else None, hidden) if v is not None)
         return HMambaOutput(last_hidden_state=x, cache_params=cache if use_cache else None, hidden_states=hidden)
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache):
+        """Clear errors for malformed inputs. Cheap: shape checks, plus one fused min/max of the token ids off CUDA
+        (on CUDA the embedding's own device-side assert catches them, and a host check would sync every step)."""
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            given = "both" if input_ids is not None else "neither"
+            raise ValueError(f"HMamba needs exactly one of input_ids or inputs_embeds, got {given}.")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+                raise ValueError(
+                    f"input_ids must be integer token ids of shape (batch, length), got {input_ids.dtype} of shape "
+                    f"{tuple(input_ids.shape)}."
+                )
+            shape = tuple(input_ids.shape)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, length, hidden_size={config.hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
+            shape = tuple(inputs_embeds.shape[:2])
+        if 0 in shape:
+            raise ValueError(
+                f"empty input of shape (batch, length) = {shape}: HMamba needs at least one token per row (start an "
+                "empty prompt with the BOS token)."
+            )
+        if input_ids is not None and input_ids.device.type != "cuda":
+            low, high = (t.item() for t in torch.aminmax(input_ids))
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, vocab_size={config.vocab_size}), got ids from {low} to {high}: "
+                    "the tokenizer does not match the model (after adding tokens, call model.resize_token_embeddings)."
+                )
+        if cache is not None:
+            if not isinstance(cache, HMambaCache):
+                raise TypeError(
+                    f"cache_params must be the HMambaCache an HMamba forward or generate returned, got "
+                    f"{type(cache).__name__}."
+                )
+            cache.check(config, shape[0])
+        if attention_mask is not None:
+            stepping = cache is not None and cache.has_previous_state  # a full-length mask is fine when continuing
+            width_ok = attention_mask.shape[-1] >= shape[1] if stepping else attention_mask.shape[-1] == shape[1]
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != shape[0] or not width_ok:
+                raise ValueError(
+                    f"attention_mask must have shape (batch, length) = {shape}, got {tuple(attention_mask.shape)}."
+                )
+            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError(
+                    "attention_mask must hold only 0 (padding) and 1 (real token); got other values. HMamba has no "
+                    "soft masks: pass the tokenizer's 0/1 mask."
+                )
 
     def _sequence(self, x, cache, attention_mask):
         """Full-sequence pass (training, scoring, prefill into a fresh cache). Returns every layer's output at
@@ -654,6 +839,12 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            if labels.shape != tokens:
+                raise ValueError(
+                    f"labels must have the shape of the input (batch, length) = {tuple(tokens)}, got "
+                    f"{tuple(labels.shape)}; they are shifted inside the model (labels = input_ids works)."
+                )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         if not return_dict:

@@ -2,11 +2,19 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub
 
 import hmamba  # noqa: E402  (registers the Auto classes)
 from hmamba import HMambaConfig, HMambaForCausalLM  # noqa: E402
+
+# Hypothesis profiles (tests/test_properties.py): "ci" (default) keeps the property suite well under a minute on
+# 2 cores; HYPOTHESIS_PROFILE=thorough searches much longer. No deadline: CPU timings on shared machines vary.
+settings.register_profile("ci", max_examples=25, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def tiny_config(**overrides):

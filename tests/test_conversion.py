@@ -172,6 +172,8 @@ def test_layer_split_out_of_range(tmp_path, mamba_ssm_ckpt):
         convert(src, tmp_path / "out", low_layers=5)
     with pytest.raises(CheckpointError, match="--low-layers 3 is out of range: .*--out-layers 2 it must be in 0..2"):
         convert(src, tmp_path / "out", low_layers=3, out_layers=2)
+    with pytest.raises(CheckpointError, match="--out-layers 4 is out of range: .*at least one must stay in the L or H"):
+        convert(src, tmp_path / "out", low_layers=0, out_layers=4)
 
 
 def test_non_empty_out_needs_overwrite_and_failed_runs_leave_it_intact(tmp_path, mamba_ssm_ckpt, monkeypatch):

@@ -12,12 +12,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_output_dir
 from ..configuration_hmamba import HMambaConfig
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
@@ -179,29 +178,6 @@ def _from_hf_config(cfg):
 # writing
 
 
-@contextmanager
-def atomic_output_dir(out, overwrite=False):
-    """Yield a temporary folder beside OUT; move it into place only if the block completes, so a failed or
-    interrupted run never leaves a half-written OUT (and a previous OUT survives until the new one is whole)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _progress(iterable, desc, total):
     from tqdm.auto import tqdm
 
@@ -219,8 +195,11 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     kwargs, layout, layers, embedding, norm_f, lm_head = read_mamba(folder)
     n = len(layers)
     low_layers = n // 2 if low_layers is None else low_layers
-    if not 0 <= out_layers <= n:
-        raise CheckpointError(f"--out-layers {out_layers} is out of range: the checkpoint has {n} layers (0..{n})")
+    if not 0 <= out_layers < n:
+        raise CheckpointError(
+            f"--out-layers {out_layers} is out of range: the checkpoint has {n} layers and at least one must stay in "
+            f"the L or H stack (0..{n - 1})"
+        )
     if not 0 <= low_layers <= n - out_layers:
         raise CheckpointError(
             f"--low-layers {low_layers} is out of range: with {n} layers and --out-layers {out_layers} it must be "

@@ -1,0 +1,51 @@
+"""Atomic writers: every file or folder hmamba writes appears whole or not at all.
+
+Write into a temporary path beside the target and rename it into place once complete (a rename within one
+filesystem is atomic), so an error, Ctrl-C or kill mid-write leaves the previous output intact and no partial
+file behind. `atomic_dir` itself lives in modeling_hmamba.py because save_pretrained of the trust_remote_code
+file needs it there; this module is the one import for the rest of the package (convert, export, training
+checkpoints, eval results).
+"""
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .modeling_hmamba import atomic_dir
+
+__all__ = ["atomic_dir", "atomic_output_dir", "atomic_write"]
+
+
+@contextmanager
+def atomic_output_dir(out, overwrite=False):
+    """Yield a temporary folder (a Path) that becomes OUT when the block completes. A non-empty OUT is refused
+    unless overwrite; then the previous OUT survives until the new one is whole, and is replaced entirely."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite")
+    if out.is_file():
+        out.unlink()
+    with atomic_dir(out, replace=True) as tmp:
+        yield Path(tmp)
+
+
+@contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """`with atomic_write("results.json") as f: json.dump(r, f)`: f is a temporary file beside PATH, flushed,
+    fsync'ed and renamed onto PATH when the block completes; on an error PATH keeps its previous content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
