@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from .atomic import atomic_write
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, pack, split_blocks
 from .generate import builtin_config
@@ -284,7 +285,8 @@ def train(
     }
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
-        _write_json(os.path.join(output_dir, "train_results.json"), summary)
+        with atomic_write(os.path.join(output_dir, "train_results.json")) as f:
+            json.dump(summary, f, indent=2)
         print(
             f"summary: {summary['steps']} steps, {summary['tokens_trained']:,} tokens in {summary['train_seconds']:.0f} s "
             f"({summary['tokens_per_second']:.0f} tokens/s); held-out loss {summary['eval_loss']:.4f} "
@@ -293,9 +295,3 @@ def train(
         )
     return summary
 
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

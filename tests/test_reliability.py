@@ -18,7 +18,7 @@ import hmamba
 import hmamba.conversion.checkpoints as conv
 from hmamba import HMambaConfig, HMambaForCausalLM
 from hmamba.atomic import atomic_output_dir, atomic_write
-from hmamba.conversion import convert, export
+from hmamba.conversion import export
 
 from conftest import tiny_config, tiny_model
 

@@ -8,7 +8,6 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from hmamba import HMambaForCausalLM
 
 from conftest import tiny_model
 

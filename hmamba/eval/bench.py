@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..configuration_hmamba import HMambaConfig
 from ..modeling_hmamba import HMambaForCausalLM
 
@@ -510,11 +511,9 @@ def run(out_dir="bench-results", log=print, **kwargs):
     log(tables, flush=True)
     result["tables"] = tables
     json_path, png_path = out / "bench.json", out / "bench.png"
-    fd, tmp = tempfile.mkstemp(prefix=".bench.json.", dir=out)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(json_path) as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    os.replace(tmp, json_path)
     plot(result, png_path)
     log(f"summary: {len(result['records'])} measurements in {result['seconds']:.0f} s; wrote {json_path} and "
         f"{png_path}", flush=True)

@@ -4,8 +4,9 @@ sliding-window perplexity of a text file. Importing this module does not import 
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from ..atomic import atomic_write
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = ("hmamba_lastword", "hmamba_arc_easy", "hmamba_sonnets")
@@ -47,17 +48,9 @@ def write_json_atomic(path, data):
     """Write JSON to a temporary file beside PATH and rename it into place (never a half-written file)."""
     from lm_eval.utils import handle_non_serializable
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        f.write("\n")
 
 
 def evaluate(model, tasks, model_type="hmamba", batch_size=1, device="cpu", dtype="float32", limit=None,
