@@ -13,16 +13,18 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["hmamba", "hmamba.*"]),
-    package_data={"hmamba": ["configs/*.json"]},
-    install_requires=["torch>=2.4", "transformers>=5.23,<5.24", "safetensors>=0.4", "huggingface_hub>=1.0"],
+    package_data={"hmamba": ["configs/*.json", "pretrained/*/*"]},  # pretrained/<name>/: shipped model folders
+    install_requires=["torch>=2.4", "transformers>=5.23,<5.25", "safetensors>=0.4", "huggingface_hub>=1.0"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
         "train": ["accelerate>=1.0", "peft>=0.13", "datasets>=3.0"],
         "eval": ["lm-eval>=0.4", "matplotlib>=3.8"],
         # build notes (CPU torch vs GPU) are in the README
         "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        "release": ["build>=1.2", "twine>=6"],  # python -m build; twine check / upload
     },
     entry_points={"console_scripts": ["hmamba=hmamba.cli:main"]},
 )

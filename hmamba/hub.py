@@ -36,7 +36,7 @@ def _transformers_requirement():
     return f"transformers>={low_major}.{low_minor},<{high_major}.{high_minor + 1}"
 
 
-def model_card(config, *, repo_id, base_model=None, datasets=None, command=None, license="apache-2.0",
+def model_card(config, *, repo_id, base_model=None, datasets=None, command=None, notes=None, license="apache-2.0",
                num_parameters=None):
     """The text of README.md (YAML metadata, then markdown) for an HMamba model with this config."""
     from huggingface_hub import ModelCardData
@@ -75,6 +75,8 @@ def model_card(config, *, repo_id, base_model=None, datasets=None, command=None,
         made = f"Trained from scratch on {_links(datasets)}."
     else:
         made = "Built with hmamba."
+    if notes:
+        made += f"\n\n{notes}"
     if command:
         made += f"\n\nMade with:\n\n```bash\n{command}\n```"
 
@@ -121,11 +123,13 @@ def _links(datasets):
     return ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets)
 
 
-def write_model_card(folder, *, base_model=None, datasets=None, command=None, license="apache-2.0", repo_id=None):
+def write_model_card(folder, *, base_model=None, datasets=None, command=None, notes=None, license="apache-2.0",
+                     repo_id=None):
     """Write README.md (the model card) into a saved HMamba folder; returns its path.
 
     base_model: Hub id of the checkpoint it was converted or fine-tuned from (goes into the metadata).
-    datasets: Hub ids of the datasets it was trained on. command: the command line that made it.
+    datasets: Hub ids of the datasets it was trained on (metadata). notes: free markdown on how it was made (e.g.
+    training data that is not on the Hub, steps, final loss). command: the command line that made it.
     repo_id: the id the card's loading example uses (default: the folder's name).
     """
     folder = Path(folder)
@@ -135,7 +139,7 @@ def write_model_card(folder, *, base_model=None, datasets=None, command=None, li
     with torch.device("meta"):
         num_parameters = HMambaForCausalLM(config).num_parameters()
     text = model_card(config, repo_id=repo_id or folder.resolve().name, base_model=base_model, datasets=datasets,
-                      command=command, license=license, num_parameters=num_parameters)
+                      command=command, notes=notes, license=license, num_parameters=num_parameters)
     path = folder / "README.md"
     tmp = folder / ".README.md.tmp"
     tmp.write_text(text, encoding="utf-8")
@@ -174,14 +178,18 @@ def check_hub_folder(folder):
     return files
 
 
+def check_repo_id(repo_id):
+    if not HUB_ID.match(repo_id) or "/" not in repo_id:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id: use OWNER/NAME, e.g. your-name/hmamba-130m")
+
+
 def push_folder_to_hub(folder, repo_id, *, private=False, token=None, commit_message="Upload HMamba model",
                        revision=None, create_pr=False):
     """Upload a complete HMamba folder (see check_hub_folder) to the model repo `repo_id` in one commit, creating
     the repo if needed. Returns huggingface_hub's CommitInfo (its .commit_url links to the commit)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    if not HUB_ID.match(repo_id) or "/" not in repo_id:
-        raise ValueError(f"{repo_id!r} is not a Hub repo id: use OWNER/NAME, e.g. your-name/hmamba-130m")
+    check_repo_id(repo_id)
     files = check_hub_folder(folder)
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
@@ -190,12 +198,12 @@ def push_folder_to_hub(folder, repo_id, *, private=False, token=None, commit_mes
                              create_pr=create_pr)
 
 
-def push_to_hub(model, tokenizer, repo_id, *, base_model=None, datasets=None, command=None, license="apache-2.0",
-                private=False, token=None, commit_message="Upload HMamba model"):
+def push_to_hub(model, tokenizer, repo_id, *, base_model=None, datasets=None, command=None, notes=None,
+                license="apache-2.0", private=False, token=None, commit_message="Upload HMamba model"):
     """Save `model` and `tokenizer` with a model card to a temporary folder and upload it (push_folder_to_hub)."""
     with tempfile.TemporaryDirectory(prefix="hmamba-hub-") as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        write_model_card(folder, base_model=base_model, datasets=datasets, command=command, license=license,
-                         repo_id=repo_id)
+        write_model_card(folder, base_model=base_model, datasets=datasets, command=command, notes=notes,
+                         license=license, repo_id=repo_id)
         return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)

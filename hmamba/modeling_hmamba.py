@@ -225,8 +225,8 @@ class HMambaCache:
     the running pool of the current chunk, the last H update every token receives, and each row's position in
     its chunk (rows of a left-padded batch cross chunk boundaries at different steps). So the model builds this
     cache itself (`HMambaForCausalLM._supports_default_dynamic_cache` is False, as for transformers' other
-    recurrent models) and generate() threads it through as `cache` (`cache_params` before 5.24). Every tensor is allocated once, so its
-    memory does not grow with the number of generated tokens.
+    recurrent models) and generate() threads it through as `cache` (`cache_params` before transformers 5.24).
+    Every tensor is allocated once, so its memory does not grow with the number of generated tokens.
     """
 
     def __init__(self, config, batch_size, dtype=torch.float32, device=None):
@@ -412,13 +412,17 @@ class Chunking:
 
 class HMambaModelOutput(ModelOutput):
     """Outputs hold the HMambaCache as `cache` (transformers >= 5.24's name), also readable as `cache_params`, the
-    name transformers 5.23's generate() looks for (`in`, `[]` and attribute access; 5.24's ModelOutput maps it too)."""
+    name transformers 5.23's generate() looks for (`in`, `[]`, `get` and attribute access; 5.24's ModelOutput maps
+    it too)."""
 
     def __contains__(self, key):
         return super().__contains__("cache" if key == "cache_params" else key)
 
     def __getitem__(self, key):
         return super().__getitem__("cache" if key == "cache_params" else key)
+
+    def get(self, key, default=None):
+        return super().get("cache" if key == "cache_params" else key, default)
 
     @property
     def cache_params(self):

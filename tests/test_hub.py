@@ -52,9 +52,24 @@ def test_importing_the_model_code_under_an_unsupported_transformers_fails(monkey
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+def test_cache_goes_by_both_names():
+    """transformers 5.23's generate() passes and reads the cache as `cache_params`, 5.24's as `cache`."""
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :5], use_cache=True)
+        assert "cache" in first and "cache_params" in first
+        assert first.cache is first.cache_params is first["cache_params"] is first.get("cache_params") is not None
+        assert len(first.to_tuple()) == 2  # logits, cache: the alias is not a second entry
+        step = model(ids[:, 5:6], cache=first.cache).logits
+        rest = model(ids[:, 6:], cache_params=first.cache).logits  # the same cache object, advanced by one token
+    torch.testing.assert_close(torch.cat([first.logits, step, rest], 1), full, atol=1e-4, rtol=0)
+
+
 def test_package_requirement_matches_the_model_code():
-    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
-    assert '"transformers>=5.23,<5.25"' in pyproject
+    setup_py = (Path(__file__).parents[1] / "setup.py").read_text()  # the source tree or an unpacked sdist
+    assert '"transformers>=5.23,<5.25"' in setup_py
     assert modeling_hmamba.TRANSFORMERS_RANGE == ((5, 23), (5, 24))
 
 
@@ -135,9 +150,11 @@ def test_push_to_hub_uploads_complete_folder_with_card(hub):
 
 def test_card_for_a_trained_model(tmp_path):
     tiny_model().save_pretrained(tmp_path)
-    write_model_card(tmp_path, datasets=["roneneldan/TinyStories"], command="hmamba train --steps 10")
+    write_model_card(tmp_path, datasets=["roneneldan/TinyStories"], command="hmamba train --steps 10",
+                     notes="2,000 steps, final loss 1.23.")
     metadata, card = front_matter(tmp_path / "README.md")
     assert metadata["datasets"] == ["roneneldan/TinyStories"] and "base_model" not in metadata
+    assert "2,000 steps, final loss 1.23.\n\nMade with:\n\n```bash\nhmamba train --steps 10\n```" in card
     assert "Trained from scratch on [roneneldan/TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories)" \
         in card
     assert f'from_pretrained("{tmp_path.name}"' in card  # no repo id given: the folder's name
@@ -202,6 +219,8 @@ def test_convert_without_tokenizer_saves_locally_but_refuses_to_push(tmp_path, m
     assert hub.commits == []
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "c"), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main(["convert", str(mamba_ssm_source), str(tmp_path / "d"), "--push-to-hub", "no-owner"]) == 2
+    assert "not a Hub repo id" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

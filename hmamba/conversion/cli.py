@@ -30,9 +30,11 @@ def add_convert(sub):
 
 
 def _convert(args):
-    from ..hub import push_folder_to_hub
+    from ..hub import check_repo_id, push_folder_to_hub
     from .checkpoints import convert, format_summary
 
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # before the conversion's work
     summary = convert(args.src, args.out, low_layers=args.low_layers, out_layers=args.out_layers,
                       chunk_size=args.chunk_size, pooling=args.pooling, dtype=args.dtype, overwrite=args.overwrite,
                       tokenizer=args.tokenizer, base_model=args.base_model, repo_id=args.push_to_hub)
