@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .configuration_hmamba import HMambaConfig
-from .modeling_hmamba import TRANSFORMERS_RANGE, HMambaForCausalLM
+from .modeling_hmamba import TRANSFORMERS_REQUIREMENT, HMambaForCausalLM
 
 CODE_FILES = ("modeling_hmamba.py", "configuration_hmamba.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either is enough to load the tokenizer
@@ -29,11 +29,6 @@ AUTO_MAP = {"AutoConfig": "configuration_hmamba.HMambaConfig",
             "AutoModelForCausalLM": "modeling_hmamba.HMambaForCausalLM"}
 TAGS = ["hmamba", "mamba", "ssm", "hierarchical", "custom_code"]
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
-
-def _transformers_requirement():
-    (low_major, low_minor), (high_major, high_minor) = TRANSFORMERS_RANGE
-    return f"transformers>={low_major}.{low_minor},<{high_major}.{high_minor + 1}"
 
 
 def model_card(config, *, repo_id, base_model=None, datasets=None, command=None, notes=None, license="apache-2.0",
@@ -98,7 +93,7 @@ out layers follow. {layers} Mamba layers in all; with chunk_size 1 the model is 
 
 ## How to load it
 
-Needs torch and {_transformers_requirement()}; the model code ships in this repository:
+Needs torch and {TRANSFORMERS_REQUIREMENT}; the model code ships in this repository:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

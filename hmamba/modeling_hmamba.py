@@ -37,18 +37,17 @@ from .configuration_hmamba import HMambaConfig
 # generate() passes to a stateful model (5.24 renamed `cache_params` to `cache`); under an untested one the cache
 # could silently stop being threaded through generate(), so the import refuses instead.
 TRANSFORMERS_RANGE = ((5, 23), (5, 24))
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<5.25"  # the same range, as setup.py states it
 
 
 def check_transformers_version(version=None):
     """Raise ImportError naming the supported range if `version` (default: the installed transformers') is outside it."""
     version = version or transformers.__version__
-    (low_major, low_minor), (high_major, high_minor) = TRANSFORMERS_RANGE
-    requirement = f"transformers>={low_major}.{low_minor},<{high_major}.{high_minor + 1}"
     if not TRANSFORMERS_RANGE[0] <= tuple(int(p) for p in version.split(".")[:2]) <= TRANSFORMERS_RANGE[1]:
         raise ImportError(
-            f"HMamba's model code supports {requirement}, but transformers {version} is installed. "
-            f"Install a supported version (pip install '{requirement}') or use model code from an hmamba release "
-            "that supports this one."
+            f"HMamba's model code supports {TRANSFORMERS_REQUIREMENT}, but transformers {version} is installed. "
+            f"Install a supported version (pip install '{TRANSFORMERS_REQUIREMENT}') or use model code from an hmamba "
+            "release that supports this one."
         )
 
 
