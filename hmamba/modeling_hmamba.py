@@ -409,7 +409,7 @@ class Chunking:
 # Models
 
 
-class HMambaModelOutput(ModelOutput):
+class HMambaCacheOutput(ModelOutput):
     """Outputs hold the HMambaCache as `cache` (transformers >= 5.24's name), also readable as `cache_params`, the
     name transformers 5.23's generate() looks for (`in`, `[]`, `get` and attribute access; 5.24's ModelOutput maps
     it too)."""
@@ -429,7 +429,7 @@ class HMambaModelOutput(ModelOutput):
 
 
 @dataclass
-class HMambaOutput(HMambaModelOutput):
+class HMambaOutput(HMambaCacheOutput):
     """last_hidden_state (B, T, D); cache: the HMambaCache to continue from; hidden_states: the output of
     every layer at token rate (H layers as seen by the tokens after fusion) and the final normed state."""
 
@@ -439,7 +439,7 @@ class HMambaOutput(HMambaModelOutput):
 
 
 @dataclass
-class HMambaCausalLMOutput(HMambaModelOutput):
+class HMambaCausalLMOutput(HMambaCacheOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: HMambaCache | None = None
