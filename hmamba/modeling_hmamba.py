@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
@@ -36,6 +37,26 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_hmamba import HMambaConfig
+
+# transformers releases (major.minor, inclusive) this file is tested with. Each minor release may rename what
+# generate() passes to a stateful model (5.24 renamed `cache_params` to `cache`); under an untested one the cache
+# could silently stop being threaded through generate(), so the import refuses instead.
+TRANSFORMERS_RANGE = ((5, 23), (5, 24))
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<5.25"  # the same range, as setup.py states it
+
+
+def check_transformers_version(version=None):
+    """Raise ImportError naming the supported range if `version` (default: the installed transformers') is outside it."""
+    version = version or transformers.__version__
+    if not TRANSFORMERS_RANGE[0] <= tuple(int(p) for p in version.split(".")[:2]) <= TRANSFORMERS_RANGE[1]:
+        raise ImportError(
+            f"HMamba's model code supports {TRANSFORMERS_REQUIREMENT}, but transformers {version} is installed. "
+            f"Install a supported version (pip install '{TRANSFORMERS_REQUIREMENT}') or use model code from an hmamba "
+            "release that supports this one."
+        )
+
+
+check_transformers_version()
 
 # ----------------------------------------------------------------------------------------------------------
 # Ops: pure-PyTorch causal conv1d and selective scan, in mamba_ssm's layouts (channels before time), so that the
@@ -218,8 +239,8 @@ class HMambaCache:
     the running pool of the current chunk, the last H update every token receives, and each row's position in
     its chunk (rows of a left-padded batch cross chunk boundaries at different steps). So the model builds this
     cache itself (`HMambaForCausalLM._supports_default_dynamic_cache` is False, as for transformers' other
-    recurrent models) and generate() threads it through as `cache_params`. Every tensor is allocated once, so its
-    memory does not grow with the number of generated tokens.
+    recurrent models) and generate() threads it through as `cache` (`cache_params` before transformers 5.24).
+    Every tensor is allocated once, so its memory does not grow with the number of generated tokens.
     """
 
     def __init__(self, config, batch_size, dtype=torch.float32, device=None):
@@ -470,21 +491,40 @@ def atomic_dir(out, replace=True):
 # Models
 
 
+class HMambaCacheOutput(ModelOutput):
+    """Outputs hold the HMambaCache as `cache` (transformers >= 5.24's name), also readable as `cache_params`, the
+    name transformers 5.23's generate() looks for (`in`, `[]`, `get` and attribute access; 5.24's ModelOutput maps
+    it too)."""
+
+    def __contains__(self, key):
+        return super().__contains__("cache" if key == "cache_params" else key)
+
+    def __getitem__(self, key):
+        return super().__getitem__("cache" if key == "cache_params" else key)
+
+    def get(self, key, default=None):
+        return super().get("cache" if key == "cache_params" else key, default)
+
+    @property
+    def cache_params(self):
+        return self.cache
+
+
 @dataclass
-class HMambaOutput(ModelOutput):
-    """last_hidden_state (B, T, D); cache_params: the HMambaCache to continue from; hidden_states: the output of
+class HMambaOutput(HMambaCacheOutput):
+    """last_hidden_state (B, T, D); cache: the HMambaCache to continue from; hidden_states: the output of
     every layer at token rate (H layers as seen by the tokens after fusion) and the final normed state."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    cache_params: HMambaCache | None = None
+    cache: HMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
-class HMambaCausalLMOutput(ModelOutput):
+class HMambaCausalLMOutput(HMambaCacheOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache_params: HMambaCache | None = None
+    cache: HMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -610,11 +650,12 @@ class HMambaModel(HMambaPreTrainedModel):
         self,
         input_ids=None,
         inputs_embeds=None,
-        cache_params=None,
+        cache=None,
         use_cache=None,
         output_hidden_states=None,
         return_dict=None,
         attention_mask=None,
+        cache_params=None,  # the name of `cache` before transformers 5.24 (5.23's generate() passes it)
         **kwargs,
     ):
         config = self.config
@@ -628,7 +669,7 @@ class HMambaModel(HMambaPreTrainedModel):
             use_cache = False
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        cache = cache_params
+        cache = cache if cache is not None else cache_params
         if cache is None and use_cache:
             cache = HMambaCache(config, x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -647,7 +688,7 @@ class HMambaModel(HMambaPreTrainedModel):
             hidden = None
         if not return_dict:
             return tuple(v for v in (x, cache if use_cache else None, hidden) if v is not None)
-        return HMambaOutput(last_hidden_state=x, cache_params=cache if use_cache else None, hidden_states=hidden)
+        return HMambaOutput(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=hidden)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache):
         """Clear errors for malformed inputs. Cheap: shape checks, plus one fused min/max of the token ids off CUDA
@@ -800,11 +841,12 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls):
         return False  # the model builds its own HMambaCache (see its docstring)
 
-    def prepare_inputs_for_generation(self, input_ids, cache_params=None, use_cache=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, use_cache=None, attention_mask=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, cache_params=cache_params, use_cache=use_cache, attention_mask=attention_mask, **kwargs
+            input_ids, use_cache=use_cache, attention_mask=attention_mask, **kwargs
         )
-        if use_cache and cache_params is not None and cache_params.has_previous_state:
+        cache = model_inputs.get("cache", model_inputs.get("cache_params"))  # 5.24's name, 5.23's
+        if use_cache and cache is not None and cache.has_previous_state:
             model_inputs["attention_mask"] = None  # new tokens are all real; positions live in the cache
         return model_inputs
 
@@ -813,12 +855,13 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         inputs_embeds=None,
-        cache_params=None,
+        cache=None,
         labels=None,
         output_hidden_states=None,
         return_dict=None,
         use_cache=None,
         logits_to_keep=0,
+        cache_params=None,  # the name of `cache` before transformers 5.24 (5.23's generate() passes it)
         **kwargs,
     ):
         r"""labels (B, T): shifted inside the model (labels = input_ids works), -100 is ignored.
@@ -827,7 +870,7 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         outputs = self.backbone(
             input_ids,
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params,
+            cache=cache if cache is not None else cache_params,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -848,10 +891,10 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         if not return_dict:
-            output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
+            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
             return (loss,) + output if loss is not None else output
         return HMambaCausalLMOutput(
-            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
 

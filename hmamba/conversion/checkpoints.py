@@ -11,6 +11,7 @@ Layer i of the flat stack goes to the L-stack for i < K, to the out layers for t
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from ..atomic import atomic_output_dir
 from ..configuration_hmamba import HMambaConfig
+from ..hub import write_model_card
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
                              r"added_tokens\.json|generation_config\.json)$")
@@ -184,12 +186,17 @@ def _progress(iterable, desc, total):
     return tqdm(iterable, desc=desc, total=total, unit="layer", disable=total < 8)
 
 
-def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last", dtype=None, overwrite=False):
+def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last", dtype=None, overwrite=False,
+            tokenizer=None, base_model=None, repo_id=None):
     """Convert a pretrained Mamba checkpoint (mamba_ssm or transformers -hf layout, local or Hub) to HMamba.
 
     Layers 0..low_layers-1 become the L-stack, the last `out_layers` the out layers, the rest the H-stack.
     chunk_size=1 reproduces the source model exactly; chunk_size>1 changes what the H layers see (chunk
     summaries instead of every token), so the result needs fine-tuning. Returns a summary dict.
+
+    OUT also gets the source's tokenizer files, or those of `tokenizer` (a folder or Hub id; mamba_ssm checkpoints
+    ship none), and a model card (README.md) naming `base_model` (default: SRC when it is a Hub id) and the
+    equivalent `hmamba convert` command, with `repo_id` (default: OUT's name) in its loading example.
     """
     folder = resolve_source(src)
     kwargs, layout, layers, embedding, norm_f, lm_head = read_mamba(folder)
@@ -212,6 +219,11 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         chunk_size=chunk_size, pooling=pooling,
     )
     target = DTYPES[dtype] if dtype else embedding.dtype
+    tokenizer = _load_tokenizer(tokenizer) if tokenizer is not None else None
+    command = ["hmamba", "convert", str(src), Path(out).name, "--low-layers", str(low_layers), "--out-layers",
+               str(out_layers), "--chunk-size", str(chunk_size), "--pooling", pooling]
+    command += ["--dtype", dtype] if dtype else []
+    command += ["--tokenizer", str(tokenizer.name_or_path)] if tokenizer is not None else []
     state = {"backbone.embeddings.weight": embedding, "backbone.norm_f.weight": norm_f}
     if not config.tie_word_embeddings:
         state["lm_head.weight"] = lm_head
@@ -227,6 +239,10 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         for f in sorted(folder.iterdir()):
             if TOKENIZER_FILES.match(f.name) and f.is_file():
                 shutil.copy2(f, tmp / f.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, base_model=base_model or (None if os.path.isdir(src) else str(src)),
+                         command=shlex.join(command), repo_id=repo_id or Path(out).name)
         files = sorted(p.name for p in tmp.iterdir())
     summary = dict(
         source=str(src), layout=layout, out=str(out), parameters=sum(t.numel() for t in state.values()),
@@ -234,6 +250,18 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         pooling=pooling, dtype=str(target).replace("torch.", ""), files=files,
     )
     return summary
+
+
+def _load_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # missing folder, offline Hub, not a tokenizer: all end the same way for the user
+        raise CheckpointError(
+            f"--tokenizer {name}: cannot load a tokenizer from it ({type(e).__name__}: {e}). Give a folder saved with "
+            "tokenizer.save_pretrained, or a Hub id where the Hub is reachable."
+        ) from e
 
 
 def save_hmamba(config, state, folder, torch_dtype=torch.float32):

@@ -17,15 +17,35 @@ def add_convert(sub):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or Hub id to save into OUT (mamba_ssm checkpoints ship none; state-spaces/"
+                   "mamba-* use EleutherAI/gpt-neox-20b); default: the tokenizer files found in SRC")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id of the source, for the model card's base_model (default: SRC when it is a Hub id)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="after converting, upload OUT to the Hub model repo REPO (owner/name; needs `hf auth login` "
+                   "or HF_TOKEN); OUT must then hold tokenizer files")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create REPO as a private repo")
     p.set_defaults(func=_convert)
 
 
 def _convert(args):
+    from ..hub import check_repo_id, push_folder_to_hub
     from .checkpoints import convert, format_summary
 
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # before the conversion's work
     summary = convert(args.src, args.out, low_layers=args.low_layers, out_layers=args.out_layers,
-                      chunk_size=args.chunk_size, pooling=args.pooling, dtype=args.dtype, overwrite=args.overwrite)
+                      chunk_size=args.chunk_size, pooling=args.pooling, dtype=args.dtype, overwrite=args.overwrite,
+                      tokenizer=args.tokenizer, base_model=args.base_model, repo_id=args.push_to_hub)
     print(format_summary(summary))
+    if args.push_to_hub:
+        try:
+            commit = push_folder_to_hub(args.out, args.push_to_hub, private=args.private)
+        except (OSError, RuntimeError) as e:  # huggingface_hub's HTTP, auth and offline errors
+            raise ValueError(f"upload to {args.push_to_hub} failed ({type(e).__name__}: {e}); {args.out} is complete: "
+                             f"retry with `hf upload {args.push_to_hub} {args.out}`") from e
+        print(f"uploaded {args.out} to https://huggingface.co/{args.push_to_hub}: {commit.commit_url}")
 
 
 def add_export(sub):
