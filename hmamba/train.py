@@ -23,6 +23,8 @@ from .atomic import atomic_write
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, pack, split_blocks
 from .generate import builtin_config
+from .hub import check_repo_id, write_model_card
+from .hub import push_to_hub as upload
 from .modeling_hmamba import HMambaForCausalLM
 
 LORA_MODULES = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -201,12 +203,19 @@ def train(
     merge_lora=False,
     resume=False,
     report_to="none",
+    push_to_hub=None,
+    private=False,
     callbacks=(),
     command=None,
 ):
     """Train (or fine-tune) an HMamba with the Trainer, then save it to `output_dir` with its tokenizer and
     `train_results.json`. Returns that summary dict (held-out loss, perplexity, bits per token, tokens/s)."""
     started = time.perf_counter()
+    saves_full_model = not lora or merge_lora
+    if push_to_hub:
+        check_repo_id(push_to_hub)  # before hours of training, not after
+        if not saves_full_model:
+            raise ValueError("push_to_hub uploads a full model: with LoRA, pass merge_lora=True (--merge-lora)")
     torch.manual_seed(seed)
     net, tokenizer = build_model(model, config, config_overrides, tokenizer)
     documents, source = load_documents(data, text_column=text_column)
@@ -287,6 +296,16 @@ def train(
         tokenizer.save_pretrained(output_dir)
         with atomic_write(os.path.join(output_dir, "train_results.json")) as f:
             json.dump(summary, f, indent=2)
+        if saves_full_model:  # a model card, and the upload when asked for
+            card = dict(
+                base_model=model if model and not os.path.isdir(model) else None, command=command,
+                notes=f"Trained on {source}: {summary['steps']} steps, {summary['tokens_trained']:,} tokens; held-out "
+                f"loss {summary['eval_loss']:.4f} ({summary['eval_bits_per_token']:.3f} bits/token).",
+            )
+            write_model_card(output_dir, repo_id=push_to_hub, **card)
+            if push_to_hub:
+                commit = upload(trainer.model, tokenizer, push_to_hub, private=private, **card)
+                print(f"pushed to {commit.commit_url}")
         print(
             f"summary: {summary['steps']} steps, {summary['tokens_trained']:,} tokens in {summary['train_seconds']:.0f} s "
             f"({summary['tokens_per_second']:.0f} tokens/s); held-out loss {summary['eval_loss']:.4f} "

@@ -67,6 +67,9 @@ def add_train(sub):
                    help="stacks to adapt, comma-separated from low,high,out (default: all)")
     p.add_argument("--merge-lora", action="store_true", help="save the merged model instead of the adapters")
     p.add_argument("--report-to", default="none", help="Trainer loggers, e.g. tensorboard (default: none)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the trained model with a model card to this Hub repo (OWNER/NAME; needs network)")
+    p.add_argument("--private", action="store_true", help="make the --push-to-hub repo private")
     p.set_defaults(func=_train)
 
 
@@ -83,6 +86,7 @@ def _train(args):
         save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, train_only=args.train_only, freeze=args.freeze,
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_stacks=args.lora_stacks,
-        merge_lora=args.merge_lora, resume=args.resume, report_to=args.report_to,
+        merge_lora=args.merge_lora, resume=args.resume, report_to=args.report_to, push_to_hub=args.push_to_hub,
+        private=args.private,
         command="hmamba " + shlex.join(args.argv),
     )

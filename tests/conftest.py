@@ -1,7 +1,10 @@
 import os
+import types
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub
@@ -54,3 +57,27 @@ def flat_mamba_to_hmamba(state, num_low, num_high):
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """Replaces the Hub: create_repo records its arguments, create_commit copies every uploaded file into
+    hub.repos[repo_id] (a folder) and records the commit."""
+    state = types.SimpleNamespace(repos={}, created=[], commits=[])
+
+    def create_repo(self, repo_id, **kwargs):
+        state.created.append((repo_id, kwargs))
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        folder = state.repos.setdefault(repo_id, tmp_path / "hub" / repo_id.replace("/", "--"))
+        for op in operations:
+            target = folder / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(op.path_or_fileobj).read_bytes())  # the source may be a temp dir: copy now
+        state.commits.append((repo_id, sorted(op.path_in_repo for op in operations), kwargs))
+        return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return state

@@ -77,30 +77,6 @@ def test_package_requirement_matches_the_model_code():
 # uploads, captured at HfApi.create_commit: the call both transformers' push_to_hub and push_folder_to_hub end in
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """Replaces the Hub: create_repo records its arguments, create_commit copies every uploaded file into
-    hub.repos[repo_id] (a folder) and records the commit."""
-    state = types.SimpleNamespace(repos={}, created=[], commits=[])
-
-    def create_repo(self, repo_id, **kwargs):
-        state.created.append((repo_id, kwargs))
-        return types.SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        folder = state.repos.setdefault(repo_id, tmp_path / "hub" / repo_id.replace("/", "--"))
-        for op in operations:
-            target = folder / op.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(Path(op.path_or_fileobj).read_bytes())  # the source may be a temp dir: copy now
-        state.commits.append((repo_id, sorted(op.path_in_repo for op in operations), kwargs))
-        return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    return state
-
-
 def front_matter(readme):
     text = Path(readme).read_text()
     assert text.startswith("---\n")

@@ -308,3 +308,21 @@ def test_hierarchy_vs_flat_example_runs_end_to_end(tmp_path, corpus):
     assert len({r["parameters"] for r in results["runs"]}) == 1  # same parameter count
     assert results["finetune"]["before_bits_per_byte"] > 0 and (tmp_path / "hierarchy_vs_flat.png").stat().st_size
     assert "| flat | 6/0/0 | 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_train_writes_a_model_card_and_pushes(tmp_path, corpus, hub):
+    import yaml
+
+    train(str(tmp_path / "run"), data=corpus, max_steps=2, push_to_hub="me/hmamba-shakespeare",
+          command="hmamba train run", **FAST)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "hmamba train run" in card and "held-out loss" in card
+    (repo, files, _), = hub.commits
+    assert repo == "me/hmamba-shakespeare"
+    assert {"README.md", "config.json", "model.safetensors", "modeling_hmamba.py", "tokenizer_config.json"} <= set(files)
+    assert not any(f.startswith("checkpoint-") for f in files)
+    assert "hmamba" in yaml.safe_load(card.split("---\n")[1])["tags"]
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="no-owner", **FAST)
+    with pytest.raises(ValueError, match="--merge-lora"):
+        train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="me/x", lora=True, **FAST)
