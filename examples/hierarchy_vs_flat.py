@@ -107,7 +107,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=6, help="N, the depth of every model (default: 6)")
     p.add_argument("--split", default="2,2,2", help="L,H,out layers of the hierarchical models (default: 2,2,2)")
     p.add_argument("--chunk-sizes", default="2,4,8", help="chunk sizes to compare (default: 2,4,8)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per model (default: 200)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per model (default: 150)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: 8)")
     p.add_argument("--block-size", type=int, default=256, help="tokens per block (default: 256)")
     p.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks to score (default: 64)")

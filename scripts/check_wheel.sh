@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Release check: build the sdist and the wheel, `twine check` them, install the wheel in a fresh venv and use it from
 # a directory outside the repo (so only the installed wheel can be imported): `hmamba --help`, `import hmamba`, the
-# package data, the tiny model's save -> AutoModelForCausalLM round trip and `hmamba generate`, then the sdist's own
+# package data, the shipped model's save -> AutoModelForCausalLM round trip and `hmamba generate`, then the sdist's own
 # tests of saving and the Hub against the installed wheel. Needs python3 with venv and pip access. Usage:
 #   scripts/check_wheel.sh [WORKDIR]    (default: a temporary folder, removed afterwards)
 #   TRANSFORMERS=5.23.0 scripts/check_wheel.sh    (pin transformers; default: the newest the wheel allows)
@@ -41,7 +41,7 @@ import torch
 import hmamba
 from importlib import metadata, resources
 from transformers import AutoModelForCausalLM
-from hmamba.generate import build_default_model
+from hmamba.generate import PRETRAINED, save_shipped_model
 
 site = os.path.realpath(os.path.dirname(os.path.dirname(hmamba.__file__)))
 assert site.endswith("site-packages"), f"hmamba imported from {hmamba.__file__}, not the installed wheel"
@@ -49,8 +49,9 @@ assert metadata.version("hmamba") == hmamba.__version__
 assert (resources.files("hmamba") / "configs" / "tiny.json").is_file()
 pretrained = resources.files("hmamba") / "pretrained"
 shipped = sorted(p.name for p in pretrained.iterdir()) if pretrained.is_dir() else []
+assert PRETRAINED in shipped, f"the wheel lacks the shipped model hmamba/pretrained/{PRETRAINED}: {shipped}"
 with tempfile.TemporaryDirectory() as d:
-    build_default_model(d)
+    save_shipped_model(d)
     model = AutoModelForCausalLM.from_pretrained(d).eval()  # through the Auto classes hmamba registers
     remote = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
     ids = torch.randint(3, 259, (2, 17))
@@ -58,7 +59,7 @@ with tempfile.TemporaryDirectory() as d:
         torch.testing.assert_close(remote(ids).logits, model(ids).logits, atol=0, rtol=0)
 print(f"hmamba {hmamba.__version__} from {hmamba.__file__}: round trip OK; shipped pretrained models: {shipped}")
 PY
-HF_HUB_OFFLINE=1 "$work/venv/bin/hmamba" generate --save-dir "$work/outside/tiny" --max-new-tokens 8 > generate.txt
+HF_HUB_OFFLINE=1 "$work/venv/bin/hmamba" generate --save-dir "$work/outside/shipped" --max-new-tokens 8 > generate.txt
 tail -3 generate.txt
 
 step "the sdist's tests of saving and the Hub, against the installed wheel"

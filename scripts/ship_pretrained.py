@@ -22,6 +22,7 @@ def ship(run_dir, name):
     staging.mkdir(parents=True)
     for file in KEEP:
         shutil.copy(run_dir / file, staging / file)
+        (staging / file).chmod(0o644)  # transformers writes model.safetensors private (0600)
     config = json.loads((run_dir / "config.json").read_text())
     config.pop("auto_map", None)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
