@@ -594,8 +594,9 @@ class HMambaModel(HMambaPreTrainedModel):
         if self.high_layers and chunks.num_chunks > 0:
             z = chunks.down(x_low, self.config.pooling)  # (B, T // s, D)
             h = z
+            chunk_mask = None if mask is None else chunks.chunk_mask  # without padding every chunk is real
             for block in self.high_layers:  # H-stack, chunk rate
-                h = block(h, cache, chunks.chunk_mask)
+                h = block(h, cache, chunk_mask)
                 hidden.append(x_low + chunks.up(h - z))  # as the tokens see it after fusion
             x = hidden[-1]  # fuse: x_L + up(H(z) - z)
             if cache is not None:

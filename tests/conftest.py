@@ -46,3 +46,7 @@ def flat_mamba_to_hmamba(state, num_low, num_high):
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device and the mamba_ssm / causal_conv1d kernels")
