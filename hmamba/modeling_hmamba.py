@@ -18,8 +18,6 @@ This file is self-contained (torch, transformers and configuration_hmamba only) 
 with `trust_remote_code=True` where the hmamba package is not installed.
 """
 
-import functools
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -210,20 +208,28 @@ KERNELS = {
 }
 
 
-@functools.cache
+_KERNEL_OPS = {}  # filled on first use
+
+
+def load_kernel(module, name):
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
 def kernel_ops():
     """TorchOps with every kernel of KERNELS that imports in place of its op; the others stay PyTorch.
 
     Called only for CUDA tensors: `import mamba_ssm` raises on a machine without CUDA (it hard-imports the
     compiled selective_scan_cuda), so nothing here is imported unless a CUDA tensor asks.
     """
-    found = {}
-    for op, (module, name) in KERNELS.items():
-        try:
-            found[op] = staticmethod(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError, OSError, RuntimeError):  # not installed, or built without CUDA
-            continue
-    return type("KernelOps", (TorchOps,), found)
+    if "ops" not in _KERNEL_OPS:
+        found = {}
+        for op, (module, name) in KERNELS.items():
+            try:
+                found[op] = staticmethod(load_kernel(module, name))
+            except (ImportError, AttributeError, OSError, RuntimeError):  # not installed, or built without CUDA
+                continue
+        _KERNEL_OPS["ops"] = type("KernelOps", (TorchOps,), found)
+    return _KERNEL_OPS["ops"]
 
 
 def ops_for(tensor):

@@ -79,18 +79,17 @@ def kernels(monkeypatch):
     calls = Counter()
     for name, module in fake_kernel_modules(calls).items():
         monkeypatch.setitem(sys.modules, name, module)
-    modeling.kernel_ops.cache_clear()
+    monkeypatch.setattr(modeling, "_KERNEL_OPS", {})
     monkeypatch.setattr(modeling, "ops_for", lambda tensor: modeling.kernel_ops())
-    yield calls
-    modeling.kernel_ops.cache_clear()
+    return calls
 
 
 def test_cpu_tensors_take_the_pytorch_path_without_importing_kernels(monkeypatch):
     def no_import(name):
         raise AssertionError(f"imported {name} for a CPU tensor")
 
-    monkeypatch.setattr(modeling.importlib, "import_module", no_import)
-    modeling.kernel_ops.cache_clear()
+    monkeypatch.setattr(modeling, "load_kernel", lambda module, name: no_import(module))
+    monkeypatch.setattr(modeling, "_KERNEL_OPS", {})
     assert modeling.ops_for(torch.zeros(1)) is TorchOps
     model = tiny_model(chunk_size=2)
     ids = torch.randint(2, 64, (1, 9))
@@ -104,16 +103,13 @@ def test_cuda_tensors_get_each_kernel_that_imports(monkeypatch):
     modules = fake_kernel_modules(calls)
     monkeypatch.setitem(sys.modules, "causal_conv1d", modules["causal_conv1d"])
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # as on a machine where mamba_ssm is missing
-    modeling.kernel_ops.cache_clear()
-    try:
-        ops = modeling.ops_for(torch.zeros(1).as_subclass(FlaggedCuda))
-        assert ops.causal_conv1d.__name__ == "causal_conv1d_fn"
-        assert ops.causal_conv1d_update is modules["causal_conv1d"].causal_conv1d_update
-        assert ops.selective_scan is TorchOps.selective_scan  # mamba_ssm missing: that op stays PyTorch
-        assert ops.selective_state_update is TorchOps.selective_state_update
-        assert ops.mamba_inner is None
-    finally:
-        modeling.kernel_ops.cache_clear()
+    monkeypatch.setattr(modeling, "_KERNEL_OPS", {})
+    ops = modeling.ops_for(torch.zeros(1).as_subclass(FlaggedCuda))
+    assert ops.causal_conv1d is modules["causal_conv1d"].causal_conv1d_fn
+    assert ops.causal_conv1d_update is modules["causal_conv1d"].causal_conv1d_update
+    assert ops.selective_scan is TorchOps.selective_scan  # mamba_ssm missing: that op stays PyTorch
+    assert ops.selective_state_update is TorchOps.selective_state_update
+    assert ops.mamba_inner is None
 
 
 def test_plain_projections_take_the_fused_kernel(kernels):
