@@ -87,9 +87,9 @@ def causal_conv1d(x, weight, bias=None, activation=None):
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One step of the causal convolution. x: (B, D), conv_state: (B, D, W) updated in place -> (B, D)."""
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state.copy_(conv_state.roll(-1, dims=-1))
     conv_state[:, :, -1] = x
-    out = torch.einsum("bdw,dw->bd", conv_state.to(weight.dtype), weight)
+    out = (conv_state.to(weight.dtype) * weight).sum(-1)
     if bias is not None:
         out = out + bias
     return F.silu(out) if activation in ("silu", "swish") else out
@@ -200,31 +200,78 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    state.mul_(torch.exp(dt[..., None] * A.float())).add_((dt * x)[..., None] * B.float()[:, None, :])
-    y = torch.einsum("bdn,bn->bd", state, C.float())
+    state.mul_(torch.exp(dt[..., None] * A.float())).addcmul_((dt * x)[..., None], B.float()[:, None, :])
+    y = torch.bmm(state, C.float()[..., None])[..., 0]
     if D is not None:
-        y = y + x * D.float()
+        y = y.addcmul(x, D.float())
     if z is not None:
         y = y * F.silu(z.float())
     return to_dtype(y, dtype)
 
 
+def use_gemv_layout_(linear):
+    """Store a plain nn.Linear's weight as the transpose of a contiguous (in, out) matrix, in place, on CPU.
+
+    Decoding multiplies every weight by one vector per row, so it is bound by how fast the weights stream from
+    memory. For wide weights (out >> in: in_proj, lm_head) MKL's matrix-vector product streams the (in, out)
+    layout close to copy bandwidth and the usual (out, in) one at about half of it (benchmarks/gemv_layouts.py).
+    Same values and the same Parameter object, so ties, optimizers and state_dict keys are unaffected; a wrapped
+    module (PEFT LoRA, quantized) is left alone.
+    """
+    weight = getattr(linear, "weight", None)
+    if type(linear) in (nn.Linear, nn.Embedding) and weight.device.type == "cpu" and weight.stride(0) != 1:
+        weight.data = weight.data.t().contiguous().t()
+
+
 class TorchOps:
-    """The pure-PyTorch path: runs on every device, differentiable, tested against the kernels on CUDA."""
+    """The pure-PyTorch path: runs on every device, differentiable, tested against the kernels on CUDA.
+    mamba_inner is the fused kernel of a whole mixer; None means: compose the ops above."""
 
     causal_conv1d = staticmethod(causal_conv1d)
     causal_conv1d_update = staticmethod(causal_conv1d_update)
     selective_scan = staticmethod(selective_scan)
     selective_state_update = staticmethod(selective_state_update)
+    mamba_inner = None
+
+
+# the CUDA kernel that stands in for each op, as (module, name); mamba_ssm and causal_conv1d share these signatures
+KERNELS = {
+    "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
+    "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_update"),
+    "selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+    "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    "mamba_inner": ("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn"),
+}
+
+
+_KERNEL_OPS = {}  # filled on first use
+
+
+def load_kernel(module, name):
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def kernel_ops():
+    """TorchOps with every kernel of KERNELS that imports in place of its op; the others stay PyTorch.
+
+    Called only for CUDA tensors: `import mamba_ssm` raises on a machine without CUDA (it hard-imports the
+    compiled selective_scan_cuda), so nothing here is imported unless a CUDA tensor asks.
+    """
+    if "ops" not in _KERNEL_OPS:
+        found = {}
+        for op, (module, name) in KERNELS.items():
+            try:
+                found[op] = staticmethod(load_kernel(module, name))
+            except (ImportError, AttributeError, OSError, RuntimeError):  # not installed, or built without CUDA
+                continue
+        _KERNEL_OPS["ops"] = type("KernelOps", (TorchOps,), found)
+    return _KERNEL_OPS["ops"]
 
 
 def ops_for(tensor):
-    """The one dispatch point between the mamba_ssm / causal_conv1d CUDA kernels and the PyTorch path.
-
-    The CUDA kernels are not wired in yet, so every tensor takes the PyTorch path. They are only ever to be
-    imported lazily from here: `import mamba_ssm` raises on a machine without CUDA.
-    """
-    return TorchOps
+    """The one dispatch point: the mamba_ssm / causal_conv1d CUDA kernels (per op, those that import) for a CUDA
+    tensor, the PyTorch path for every other."""
+    return kernel_ops() if tensor.is_cuda else TorchOps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,9 +351,8 @@ class HMambaRMSNorm(nn.Module):
 
     def forward(self, x):
         """Normalised in float32 (from a float32 residual as it is), returned in the weight's dtype."""
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * to_dtype(x, self.weight.dtype)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)
+        return self.weight * to_dtype(normed, self.weight.dtype)
 
 
 class HMambaMixer(nn.Module):
@@ -332,26 +378,27 @@ class HMambaMixer(nn.Module):
     def forward(self, hidden_states, cache=None, mask=None):
         # hidden_states: (B, T, hidden). A cache that holds a previous state is stepped by one token; a fresh one
         # receives the states at the end of this sequence.
+        if cache is not None and cache.has_previous_state:
+            return self.step(hidden_states[:, 0], cache)[:, None]
         ops = ops_for(hidden_states)
         rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, T)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        if ops.mamba_inner is not None and cache is None and mask is None and self.projections_are_plain():
+            return ops.mamba_inner(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            )
+
+        x, z = xz.chunk(2, dim=1)  # (B, d_inner, T) each
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)  # padding leaves every state untouched
-        A = -torch.exp(self.A_log.float())  # (d_inner, N)
         conv_weight = self.conv1d.weight.squeeze(1)  # (d_inner, W)
-
-        if cache is not None and cache.has_previous_state:
-            x = ops.causal_conv1d_update(x[..., 0], cache.conv_states[self.layer_idx], conv_weight, self.conv1d.bias, "silu")
-            dt, B, C = self.x_proj(x).split([rank, d_state, d_state], dim=-1)
-            y = ops.selective_state_update(
-                cache.ssm_states[self.layer_idx], x, self.dt_proj(dt), A, B, C, self.D, z[..., 0], dt_softplus=True
-            )
-            return self.out_proj(y[:, None, :])
-
         if cache is not None:
             width = conv_weight.shape[1]
             cache.conv_states[self.layer_idx].copy_(F.pad(x, (max(0, width - x.shape[-1]), 0))[..., -width:])
-        x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, "silu")
+        x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation="silu")
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([rank, d_state, d_state], dim=-1)  # (B, T, .)
@@ -362,6 +409,24 @@ class HMambaMixer(nn.Module):
         if cache is not None:
             cache.ssm_states[self.layer_idx].copy_(last_state)
         return self.out_proj(y.transpose(1, 2))  # (B, T, hidden)
+
+    def step(self, hidden_states, cache):
+        """One token per row: (B, hidden) -> (B, hidden); this layer's conv and SSM states advance in place."""
+        ops = ops_for(hidden_states)
+        use_gemv_layout_(self.in_proj)
+        rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, d_inner) each
+        conv_state, ssm_state = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx]
+        x = ops.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        dt, B, C = self.x_proj(x).split([rank, d_state, d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = ops.selective_state_update(ssm_state, x, self.dt_proj(dt), A, B, C, self.D, z, dt_softplus=True)
+        return self.out_proj(y)
+
+    def projections_are_plain(self):
+        """Whether every projection is a plain nn.Linear: the fused kernel reads x_proj, dt_proj and out_proj
+        weights directly, so a wrapped one (PEFT LoRA, quantized) must run through its module instead."""
+        return all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj))
 
 
 class HMambaBlock(GradientCheckpointingLayer):
@@ -762,8 +827,9 @@ class HMambaModel(HMambaPreTrainedModel):
         if self.high_layers and chunks.num_chunks > 0:
             z = chunks.down(x_low, self.config.pooling)  # (B, T // s, D)
             h = z
+            chunk_mask = None if mask is None else chunks.chunk_mask  # without padding every chunk is real
             for block in self.high_layers:  # H-stack, chunk rate
-                h = block(h, cache, chunks.chunk_mask)
+                h = block(h, cache, chunk_mask)
                 hidden.append(x_low + chunks.up(h - z))  # as the tokens see it after fusion
             x = hidden[-1]  # fuse: x_L + up(H(z) - z)
             if cache is not None:
@@ -785,6 +851,7 @@ class HMambaModel(HMambaPreTrainedModel):
         """One token per row from the cache: L and out layers step every token, the H-stack only for the rows
         whose chunk completes at this token; the other rows keep adding the last H update. (In hidden_states
         every H entry is the fused state here: per-layer H updates are not kept in the cache.)"""
+        use_gemv_layout_(self.embeddings)  # the tied lm_head multiplies it by one vector per row, every step
         hidden = []
         for block in self.low_layers:
             x = block(x, cache)
