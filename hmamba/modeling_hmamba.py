@@ -234,21 +234,27 @@ class TorchOps:
     mamba_inner = None
 
 
-# the CUDA kernel that stands in for each op, as (module, name); mamba_ssm and causal_conv1d share these signatures
-KERNELS = {
-    "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
-    "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_update"),
-    "selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-    "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
-    "mamba_inner": ("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn"),
-}
+# the ops a CUDA kernel can stand in for; mamba_ssm and causal_conv1d share these signatures
+KERNELS = ("causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update", "mamba_inner")
 
 
 _KERNEL_OPS = {}  # filled on first use
 
 
-def load_kernel(module, name):
-    return getattr(__import__(module, fromlist=[name]), name)
+def load_kernel(op):
+    """The CUDA kernel for `op`; ImportError where its package (or its CUDA build) is missing. Plain import
+    statements, so that a reader of this file sees every module it can load; they run for CUDA tensors only."""
+    if op == "causal_conv1d":
+        from causal_conv1d import causal_conv1d_fn as kernel
+    elif op == "causal_conv1d_update":
+        from causal_conv1d import causal_conv1d_update as kernel
+    elif op == "selective_scan":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+    elif op == "selective_state_update":
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as kernel
+    else:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as kernel
+    return kernel
 
 
 def kernel_ops():
@@ -259,9 +265,9 @@ def kernel_ops():
     """
     if "ops" not in _KERNEL_OPS:
         found = {}
-        for op, (module, name) in KERNELS.items():
+        for op in KERNELS:
             try:
-                found[op] = staticmethod(load_kernel(module, name))
+                found[op] = staticmethod(load_kernel(op))
             except (ImportError, AttributeError, OSError, RuntimeError):  # not installed, or built without CUDA
                 continue
         _KERNEL_OPS["ops"] = type("KernelOps", (TorchOps,), found)
@@ -724,7 +730,8 @@ class HMambaModel(HMambaPreTrainedModel):
         **kwargs,
     ):
         config = self.config
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache_params)
+        cache = cache if cache is not None else cache_params
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         if use_cache is None:  # by default no cache in training, nor for a right-padded batch (scoring)
@@ -734,7 +741,6 @@ class HMambaModel(HMambaPreTrainedModel):
             use_cache = False
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        cache = cache if cache is not None else cache_params
         if cache is None and use_cache:
             cache = HMambaCache(config, x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -791,7 +797,7 @@ class HMambaModel(HMambaPreTrainedModel):
         if cache is not None:
             if not isinstance(cache, HMambaCache):
                 raise TypeError(
-                    f"cache_params must be the HMambaCache an HMamba forward or generate returned, got "
+                    f"cache must be the HMambaCache an HMamba forward or generate returned, got "
                     f"{type(cache).__name__}."
                 )
             cache.check(config, shape[0])

@@ -56,7 +56,7 @@ def resolve_source(src):
     except Exception as e:  # offline, unknown repo, no network: all end the same way for the user
         raise CheckpointError(
             f"{src} is not a local folder and could not be downloaded from the Hugging Face Hub "
-            f"({type(e).__name__}: {e}). Offline? Download it where the Hub is reachable "
+            f"({type(e).__name__}: {' '.join(str(e).split())}). Offline? Download it where the Hub is reachable "
             f"(huggingface-cli download {src} --local-dir DIR) and convert DIR."
         ) from e
 
