@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -85,3 +87,12 @@ def hub(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device and the mamba_ssm / causal_conv1d kernels")
+
+
+def run_script(script, cwd, expect):
+    """Run `script` in a fresh Python (offline, its own remote-code module cache) and check it printed `expect`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expect in result.stdout

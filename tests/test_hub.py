@@ -4,24 +4,20 @@ metadata), and the captured upload loaded back without hmamba (AutoModelForCausa
 import importlib.util
 import json
 import os
-import subprocess
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 import yaml
-from huggingface_hub import HfApi
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, pipeline
+from transformers import ByT5Tokenizer, pipeline
 
 import hmamba
 from hmamba import modeling_hmamba
 from hmamba.cli import main
 from hmamba.hub import check_hub_folder, push_folder_to_hub, push_to_hub, write_model_card
 
-from conftest import tiny_model
+from conftest import run_script, tiny_model
 from test_conversion import make_mamba, write_mamba_ssm
 
 PACKAGE = Path(hmamba.__file__).parent
@@ -229,8 +225,4 @@ text = generator("In the beginning", max_new_tokens=12, do_sample=False)[0]["gen
 assert text == expected["text"], (text, expected["text"])
 print("download OK")
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "download OK" in result.stdout
+    run_script(script, tmp_path, "download OK")

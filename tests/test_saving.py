@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
 from transformers import AutoModelForCausalLM
 
 
-from conftest import tiny_model
+from conftest import run_script, tiny_model
 
 
 def test_save_writes_safetensors_and_code(tmp_path):
@@ -48,8 +46,4 @@ with torch.no_grad():
 assert out.shape == (2, 16)
 print("remote code OK")
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
+    run_script(script, tmp_path, "remote code OK")
