@@ -242,18 +242,22 @@ _KERNEL_OPS = {}  # filled on first use
 
 
 def load_kernel(op):
-    """The CUDA kernel for `op`; ImportError where its package (or its CUDA build) is missing. Plain import
-    statements, so that a reader of this file sees every module it can load; they run for CUDA tensors only."""
-    if op == "causal_conv1d":
-        from causal_conv1d import causal_conv1d_fn as kernel
-    elif op == "causal_conv1d_update":
-        from causal_conv1d import causal_conv1d_update as kernel
-    elif op == "selective_scan":
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
-    elif op == "selective_state_update":
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as kernel
-    else:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as kernel
+    """The CUDA kernel for `op`, or None where its package (or its CUDA build) is missing. Plain import statements,
+    so that a reader of this file sees every module it can load; inside `try`, which transformers' remote-code
+    import check skips (the kernels are optional); run for CUDA tensors only."""
+    try:
+        if op == "causal_conv1d":
+            from causal_conv1d import causal_conv1d_fn as kernel
+        elif op == "causal_conv1d_update":
+            from causal_conv1d import causal_conv1d_update as kernel
+        elif op == "selective_scan":
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+        elif op == "selective_state_update":
+            from mamba_ssm.ops.triton.selective_state_update import selective_state_update as kernel
+        else:
+            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as kernel
+    except (ImportError, OSError, RuntimeError):  # not installed, or built without CUDA
+        return None
     return kernel
 
 
@@ -266,10 +270,9 @@ def kernel_ops():
     if "ops" not in _KERNEL_OPS:
         found = {}
         for op in KERNELS:
-            try:
-                found[op] = staticmethod(load_kernel(op))
-            except (ImportError, AttributeError, OSError, RuntimeError):  # not installed, or built without CUDA
-                continue
+            kernel = load_kernel(op)
+            if kernel is not None:
+                found[op] = staticmethod(kernel)
         _KERNEL_OPS["ops"] = type("KernelOps", (TorchOps,), found)
     return _KERNEL_OPS["ops"]
 
