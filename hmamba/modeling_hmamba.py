@@ -102,7 +102,7 @@ def _scan_block_size(batch, dim, state):
 
 def _discretize(u, delta, A, B):
     """Zero-order hold. u, delta: (K, B, D), A: (D, N), B: (K, B, N) -> dA, dBu: (K, B, D, N)."""
-    dA = torch.exp(delta[..., None] * A)
+    dA = torch.mul(delta[..., None], A).exp_()  # in place: one (K, B, D, N) buffer, not two
     dBu = (delta * u)[..., None] * B[:, :, None, :]
     return dA, dBu
 
