@@ -24,8 +24,6 @@ def atomic_output_dir(out, overwrite=False):
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite")
-    if out.is_file():
-        out.unlink()
     with atomic_dir(out, replace=True) as tmp:
         yield Path(tmp)
 

@@ -13,13 +13,13 @@ no tokenizer.)
 """
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .configuration_hmamba import HMambaConfig
 from .modeling_hmamba import TRANSFORMERS_REQUIREMENT, HMambaForCausalLM
 
@@ -136,9 +136,8 @@ def write_model_card(folder, *, base_model=None, datasets=None, command=None, no
     text = model_card(config, repo_id=repo_id or folder.resolve().name, base_model=base_model, datasets=datasets,
                       command=command, notes=notes, license=license, num_parameters=num_parameters)
     path = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(text)
     return path
 
 

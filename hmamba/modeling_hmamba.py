@@ -41,14 +41,14 @@ from .configuration_hmamba import HMambaConfig
 # transformers releases (major.minor, inclusive) this file is tested with. Each minor release may rename what
 # generate() passes to a stateful model (5.24 renamed `cache_params` to `cache`); under an untested one the cache
 # could silently stop being threaded through generate(), so the import refuses instead.
-TRANSFORMERS_RANGE = ((5, 23), (5, 24))
-TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<5.25"  # the same range, as setup.py states it
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<5.25"  # as setup.py states it (a test keeps the two equal)
 
 
 def check_transformers_version(version=None):
     """Raise ImportError naming the supported range if `version` (default: the installed transformers') is outside it."""
     version = version or transformers.__version__
-    if not TRANSFORMERS_RANGE[0] <= tuple(int(p) for p in version.split(".")[:2]) <= TRANSFORMERS_RANGE[1]:
+    low, high = (tuple(map(int, v)) for v in re.findall(r"(\d+)\.(\d+)", TRANSFORMERS_REQUIREMENT))
+    if not low <= tuple(int(p) for p in version.split(".")[:2]) < high:
         raise ImportError(
             f"HMamba's model code supports {TRANSFORMERS_REQUIREMENT}, but transformers {version} is installed. "
             f"Install a supported version (pip install '{TRANSFORMERS_REQUIREMENT}') or use model code from an hmamba "
@@ -361,7 +361,7 @@ class HMambaRMSNorm(nn.Module):
     def forward(self, x):
         """Normalised in float32 (from a float32 residual as it is), returned in the weight's dtype."""
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)
-        return self.weight * to_dtype(normed, self.weight.dtype)
+        return self.weight * normed.to(self.weight.dtype)  # |normed| <= sqrt(hidden_size): no overflow guard needed
 
 
 class HMambaMixer(nn.Module):
@@ -541,15 +541,15 @@ def atomic_dir(out, replace=True):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
     try:
         yield tmp
-        if not os.path.isdir(out) or not os.listdir(out):
+        if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
             if os.path.isdir(out):
                 os.rmdir(out)
             os.replace(tmp, out)
-        elif replace:
+        elif replace or not os.path.isdir(out):  # a previous OUT (folder or file) is swapped out, then deleted
             old = f"{tmp}.old"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old)
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         else:
             new = set(os.listdir(tmp))
             for f in sorted(new):

@@ -19,12 +19,13 @@ import torch
 
 from ..atomic import atomic_output_dir
 from ..configuration_hmamba import HMambaConfig
-from ..hub import write_model_card
+from ..hub import HUB_ID, write_model_card
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
                              r"added_tokens\.json|generation_config\.json)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
+STACK_KEY = re.compile(r"^backbone\.(low_layers|high_layers|out_layers)\.(\d+)\.(.+)$")
 # fields that mean the same in transformers' MambaConfig and HMambaConfig
 SHARED_CONFIG_KEYS = ("vocab_size", "hidden_size", "state_size", "conv_kernel", "expand", "time_step_rank",
                       "use_conv_bias", "use_bias", "residual_in_fp32", "layer_norm_epsilon", "time_step_scale",
@@ -34,6 +35,12 @@ SHARED_CONFIG_KEYS = ("vocab_size", "hidden_size", "state_size", "conv_kernel", 
 
 class CheckpointError(ValueError):
     """A source checkpoint that cannot be converted; the message names the problem."""
+
+
+def stack_offsets(config):
+    """Index in the flat layer list of each stack's first layer: L, then H, then out."""
+    return {"low_layers": 0, "high_layers": config.num_low_layers,
+            "out_layers": config.num_low_layers + config.num_high_layers}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,7 +53,7 @@ def resolve_source(src):
         return Path(src)
     if os.path.exists(src):
         raise CheckpointError(f"{src} is a file: give the checkpoint's folder (with config.json and weights)")
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", src):
+    if not HUB_ID.match(src):
         raise CheckpointError(f"{src} is neither a local folder nor a Hugging Face Hub id")
     try:
         from huggingface_hub import snapshot_download
@@ -228,7 +235,7 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     if not config.tie_word_embeddings:
         state["lm_head.weight"] = lm_head
     stacks = ["low_layers"] * low_layers + ["high_layers"] * config.num_high_layers + ["out_layers"] * out_layers
-    starts = {"low_layers": 0, "high_layers": low_layers, "out_layers": low_layers + config.num_high_layers}
+    starts = stack_offsets(config)
     for i, (stack, params) in enumerate(_progress(zip(stacks, layers), f"mapping {n} layers", n)):
         for name, tensor in params.items():
             state[f"backbone.{stack}.{i - starts[stack]}.{name}"] = tensor
@@ -310,10 +317,9 @@ def export(src, out, layout="hf", overwrite=False):
         raise CheckpointError(f"--layout {layout!r} is not one of ('hf', 'mamba_ssm')")
     state = load_state_dict(folder)
     layers = {}
-    offsets = {"low_layers": 0, "high_layers": config.num_low_layers,
-               "out_layers": config.num_low_layers + config.num_high_layers}
+    offsets = stack_offsets(config)
     for key, tensor in state.items():
-        m = re.match(r"^backbone\.(low_layers|high_layers|out_layers)\.(\d+)\.(.+)$", key)
+        m = STACK_KEY.match(key)
         if m:
             layers[f"backbone.layers.{offsets[m.group(1)] + int(m.group(2))}.{m.group(3)}"] = tensor
     embedding, norm_f = state["backbone.embeddings.weight"], state["backbone.norm_f.weight"]
