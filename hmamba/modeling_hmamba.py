@@ -219,7 +219,7 @@ def use_gemv_layout_(linear):
     module (PEFT LoRA, quantized) is left alone.
     """
     weight = getattr(linear, "weight", None)
-    if type(linear) in (nn.Linear, nn.Embedding) and weight.device.type == "cpu" and weight.stride(0) != 1:
+    if type(linear) is nn.Linear and weight.device.type == "cpu" and weight.stride(0) != 1:
         weight.data = weight.data.t().contiguous().t()
 
 
@@ -307,6 +307,7 @@ class HMambaCache:
         self.pool = torch.zeros(batch_size, config.hidden_size, dtype=torch.float32, device=device)  # sum over chunk
         self.update = torch.zeros(batch_size, config.hidden_size, dtype=torch.float32, device=device)  # last H update
         self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens seen per row
+        self.A = [None] * layers  # -exp(A_log) per layer, computed at a layer's first step and reused
         self.has_previous_state = False
 
     @property
@@ -422,13 +423,14 @@ class HMambaMixer(nn.Module):
     def step(self, hidden_states, cache):
         """One token per row: (B, hidden) -> (B, hidden); this layer's conv and SSM states advance in place."""
         ops = ops_for(hidden_states)
-        use_gemv_layout_(self.in_proj)
         rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, d_inner) each
         conv_state, ssm_state = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx]
         x = ops.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = self.x_proj(x).split([rank, d_state, d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = cache.A[self.layer_idx]
+        if A is None:
+            A = cache.A[self.layer_idx] = -torch.exp(self.A_log.float())
         y = ops.selective_state_update(ssm_state, x, self.dt_proj(dt), A, B, C, self.D, z, dt_softplus=True)
         return self.out_proj(y)
 
@@ -746,6 +748,8 @@ class HMambaModel(HMambaPreTrainedModel):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         if cache is None and use_cache:
             cache = HMambaCache(config, x.shape[0], dtype=x.dtype, device=x.device)
+            for block in (*self.low_layers, *self.high_layers, *self.out_layers):
+                use_gemv_layout_(block.mixer.in_proj)  # decoding follows: one vector per row times each weight
 
         if cache is not None and cache.has_previous_state:
             # continuing from a cache: step through the new tokens one at a time
@@ -860,7 +864,6 @@ class HMambaModel(HMambaPreTrainedModel):
         """One token per row from the cache: L and out layers step every token, the H-stack only for the rows
         whose chunk completes at this token; the other rows keep adding the last H update. (In hidden_states
         every H entry is the fused state here: per-layer H updates are not kept in the cache.)"""
-        use_gemv_layout_(self.embeddings)  # the tied lm_head multiplies it by one vector per row, every step
         hidden = []
         for block in self.low_layers:
             x = block(x, cache)
@@ -952,6 +955,8 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
             return_dict=True,
             attention_mask=attention_mask,
         )
+        if outputs.cache is not None and (cache if cache is not None else cache_params) is None:
+            use_gemv_layout_(self.lm_head)  # a new cache: decoding follows (tied: the embedding's weight too)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
