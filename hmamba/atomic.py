@@ -7,6 +7,7 @@ file needs it there; this module is the one import for the rest of the package (
 checkpoints, eval results).
 """
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .modeling_hmamba import atomic_dir
 
-__all__ = ["atomic_dir", "atomic_output_dir", "atomic_write"]
+__all__ = ["atomic_dir", "atomic_output_dir", "atomic_write", "atomic_write_json"]
 
 
 @contextmanager
@@ -47,3 +48,19 @@ def atomic_write(path, mode="w", **open_kwargs):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(path, data):
+    """JSON (indented, UTF-8, a final newline) written through atomic_write; numpy/torch scalars become numbers,
+    sets lists, anything else JSON cannot hold its str()."""
+    with atomic_write(path, encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=_jsonable, ensure_ascii=False)
+        f.write("\n")
+
+
+def _jsonable(obj):
+    if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):  # numpy / torch scalar
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    return str(obj)

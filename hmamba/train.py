@@ -9,7 +9,6 @@ Works unchanged under `accelerate launch` (DDP), with gradient checkpointing, bf
 freezing and PEFT LoRA adapters.
 """
 
-import json
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from .atomic import atomic_write
+from .atomic import atomic_write_json
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, pack, split_blocks
 from .generate import builtin_config
@@ -294,8 +293,7 @@ def train(
     }
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
-        with atomic_write(os.path.join(output_dir, "train_results.json")) as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_json(os.path.join(output_dir, "train_results.json"), summary)
         if saves_full_model:  # a model card, and the upload when asked for
             card = dict(
                 base_model=model if model and not os.path.isdir(model) else None, command=command,

@@ -11,18 +11,16 @@ joins when it imports. Ratios are throughput over the anchor's (> 1: faster than
 
 import ctypes
 import gc
-import json
 import math
 import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_json
 from ..configuration_hmamba import HMambaConfig
 from ..modeling_hmamba import HMambaForCausalLM
 
@@ -489,16 +487,11 @@ def plot(result, path):
         ax.grid(alpha=0.3)
     fig.suptitle(f"hmamba bench ({result['preset']}): {result['device_name']}, {result['dtype']}")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run(out_dir="bench-results", log=print, **kwargs):
@@ -511,9 +504,7 @@ def run(out_dir="bench-results", log=print, **kwargs):
     log(tables, flush=True)
     result["tables"] = tables
     json_path, png_path = out / "bench.json", out / "bench.png"
-    with atomic_write(json_path) as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    atomic_write_json(json_path, result)
     plot(result, png_path)
     log(f"summary: {len(result['records'])} measurements in {result['seconds']:.0f} s; wrote {json_path} and "
         f"{png_path}", flush=True)

@@ -1,12 +1,11 @@
 """`hmamba eval`: the lm-eval harness on an HMamba checkpoint, offline tasks shipped in the package, and
 sliding-window perplexity of a text file. Importing this module does not import lm-eval."""
 
-import json
 import os
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write_json
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = ("hmamba_lastword", "hmamba_arc_easy", "hmamba_sonnets")
@@ -42,15 +41,6 @@ def check_tasks(tasks, manager):
             f"(HF_HUB_OFFLINE is set): run them on a machine with Hub access, or use the offline tasks "
             f"{','.join(OFFLINE_TASKS)}"
         )
-
-
-def write_json_atomic(path, data):
-    """Write JSON to a temporary file beside PATH and rename it into place (never a half-written file)."""
-    from lm_eval.utils import handle_non_serializable
-
-    with atomic_write(path) as f:
-        json.dump(data, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        f.write("\n")
 
 
 def evaluate(model, tasks, model_type="hmamba", batch_size=1, device="cpu", dtype="float32", limit=None,
@@ -108,7 +98,7 @@ def run(model, tasks=None, text=None, model_type="hmamba", batch_size=1, device=
         print(f"perplexity of {text} ({len(content.encode('utf-8')):,} bytes):")
         print(format_perplexity_table(report["perplexity"]["rows"]), flush=True)
     if output is not None:
-        write_json_atomic(output, report)
+        atomic_write_json(output, report)
         print(f"wrote {output}")
     return report
 
