@@ -48,17 +48,15 @@ def run_train(name, out, args, extra):
 
 def evaluate_loss(model_dir, data, block_size, eval_blocks):
     """Held-out loss of a saved model on the same held-out blocks `hmamba train` uses (no training)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hmamba.data import load_documents, pack, split_blocks
+    from hmamba.eval.perplexity import block_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _, held_out = split_blocks(pack(load_documents(data)[0], tokenizer, block_size), 0.01)
-    with torch.no_grad():
-        losses = [model(b[None], labels=b[None]).loss.item() for b in held_out[:eval_blocks]]
-    return sum(losses) / len(losses)
+    return block_perplexity(model, held_out[:eval_blocks])["nll"]
 
 
 def table(results):
@@ -120,11 +118,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
-        if shutil.which("bible") is None:
+        from hmamba.data import kjv_text
+
+        text = kjv_text()
+        if text is None:
             sys.exit("no --data and no `bible` program: `apt-get install bible-kjv` or pass --data FILE")
         args.data = str(out / "kjv.txt")
-        with open(args.data, "w") as f:
-            subprocess.run(["bible", "gen1:1-rev22:21"], stdout=f, check=True)
+        Path(args.data).write_text(text)
     low, high, out_layers = (int(v) for v in args.split.split(","))
     if low + high + out_layers != args.layers:
         sys.exit(f"--split {args.split} has {low + high + out_layers} layers, not --layers {args.layers}")

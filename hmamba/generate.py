@@ -1,7 +1,6 @@
 """Text generation with an HMamba model: the library side of `hmamba generate`."""
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_hmamba import HMambaConfig
 from .data import embedded_corpus, kjv_text, pack, split_blocks
+from .eval.perplexity import block_perplexity
 from .modeling_hmamba import HMambaForCausalLM
 
 DEFAULT_CONFIG = "tiny"
@@ -63,13 +63,6 @@ def held_out_blocks(tokenizer, block_size=256, max_blocks=16):
         return None
     blocks = pack([text[-200_000:]], tokenizer, block_size)
     return f"out-of-domain text, the end of Shakespeare's works ({max_blocks} blocks; `apt-get install bible-kjv` for the KJV held-out split)", blocks[:max_blocks]
-
-
-@torch.no_grad()
-def perplexity(model, blocks, batch_size=8):
-    """exp(mean next-token loss) over fixed-size blocks."""
-    losses = [model(b.to(model.device), labels=b.to(model.device)).loss.item() for b in blocks.split(batch_size)]
-    return math.exp(sum(losses) / len(losses))
 
 
 def load(model_path, device="cpu", dtype="float32"):
@@ -132,7 +125,7 @@ def run(model_path=None, prompts=("In the beginning",), save_dir=None, **generat
         else:
             torch.manual_seed(0)
             untrained = HMambaForCausalLM(model.config).to(model.device, model.dtype).eval()
-            trained_ppl, untrained_ppl = perplexity(model, held_out[1]), perplexity(untrained, held_out[1])
+            trained_ppl, untrained_ppl = (block_perplexity(m, held_out[1])["perplexity"] for m in (model, untrained))
             line += (f"\nheld-out perplexity on {held_out[0]}: {trained_ppl:.2f} trained vs {untrained_ppl:.2f} "
                      f"untrained (a uniform guess scores {len(tokenizer)})")
     print(line)

@@ -270,7 +270,8 @@ def test_cli_train(tmp_path, corpus, capsys):
 
 
 def test_shipped_model_is_small_hierarchical_trained_and_reproducible():
-    from hmamba.generate import held_out_blocks, perplexity, pretrained_dir
+    from hmamba.eval.perplexity import block_perplexity
+    from hmamba.generate import held_out_blocks, pretrained_dir
     from hmamba.modeling_hmamba import HMambaForCausalLM
 
     folder = pretrained_dir()
@@ -282,7 +283,7 @@ def test_shipped_model_is_small_hierarchical_trained_and_reproducible():
     torch.manual_seed(0)
     untrained = HMambaForCausalLM(model.config).eval()
     description, blocks = held_out_blocks(default_tokenizer(), max_blocks=4)
-    trained_ppl, untrained_ppl = perplexity(model, blocks), perplexity(untrained, blocks)
+    trained_ppl, untrained_ppl = (block_perplexity(m, blocks)["perplexity"] for m in (model, untrained))
     assert trained_ppl < untrained_ppl / 10, (description, trained_ppl, untrained_ppl)
 
 

@@ -36,6 +36,18 @@ def perplexity(model, input_ids, segment_length=2048):
 
 
 @torch.no_grad()
+def block_perplexity(model, blocks, batch_size=8):
+    """Perplexity of independent fixed-size blocks (N, L), each scored from its own start: how the Trainer scores
+    `hmamba train`'s held-out blocks. Returns {"nll", "perplexity", "tokens"} like perplexity()."""
+    total = 0.0
+    for batch in blocks.split(batch_size):
+        batch = batch.to(model.device)
+        total += model(batch, labels=batch).loss.item() * len(batch)  # blocks are equally long: equal weights
+    nll = total / len(blocks)
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": blocks.shape[0] * (blocks.shape[1] - 1)}
+
+
+@torch.no_grad()
 def sliding_window_perplexity(model, input_ids, max_length=1024, stride=512):
     """Perplexity with the usual sliding window of fixed-context models: windows of `max_length` tokens start
     every `stride` tokens and each scores only the tokens the previous window did not, so every token is scored
