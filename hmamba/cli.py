@@ -7,12 +7,13 @@ import sys
 def _add_generate(sub):
     p = sub.add_parser(
         "generate",
-        help="generate text with an HMamba model (default: build, save, reload and run the embedded tiny model)",
-        description="Generate text. Without --model, builds the embedded default HMamba (hmamba/configs/tiny.json, "
-        "byte-level tokenizer, random weights), saves it, loads it back through AutoModelForCausalLM and generates.",
+        help="generate text with an HMamba model (default: the shipped KJV-trained model)",
+        description="Generate text. Without --model, saves the HMamba shipped in the package (hmamba/pretrained/"
+        "kjv-small, trained on the King James Bible, byte-level tokenizer), loads it back through "
+        "AutoModelForCausalLM, generates, and prints its held-out perplexity next to an untrained model's.",
     )
-    p.add_argument("--model", default=None, help="saved model folder or Hub id (default: the embedded tiny model)")
-    p.add_argument("--save-dir", default=None, help="where to save the embedded default model (default: a temp dir)")
+    p.add_argument("--model", default=None, help="saved model folder or Hub id (default: the shipped KJV model)")
+    p.add_argument("--save-dir", default=None, help="where to save the shipped model (default: a temp dir)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for a left-padded batch (default: 'In the beginning')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")

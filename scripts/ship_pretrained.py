@@ -12,25 +12,23 @@ import shutil
 import sys
 from pathlib import Path
 
+from hmamba.atomic import atomic_output_dir
+
 KEEP = ("model.safetensors", "generation_config.json", "tokenizer_config.json")
 
 
 def ship(run_dir, name):
     run_dir, target = Path(run_dir), Path(__file__).parents[1] / "hmamba" / "pretrained" / name
-    staging = target.with_name(f".{name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for file in KEEP:
-        shutil.copy(run_dir / file, staging / file)
-        (staging / file).chmod(0o644)  # transformers writes model.safetensors private (0600)
-    config = json.loads((run_dir / "config.json").read_text())
-    config.pop("auto_map", None)
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    results = json.loads((run_dir / "train_results.json").read_text())
-    results.pop("log_history", None)
-    (staging / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_output_dir(target, overwrite=True) as staging:
+        for file in KEEP:
+            shutil.copy(run_dir / file, staging / file)
+            (staging / file).chmod(0o644)  # transformers writes model.safetensors private (0600)
+        config = json.loads((run_dir / "config.json").read_text())
+        config.pop("auto_map", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        results = json.loads((run_dir / "train_results.json").read_text())
+        results.pop("log_history", None)
+        (staging / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"shipped {run_dir} as {target}: {sorted(p.name for p in target.iterdir())}")
 
 
