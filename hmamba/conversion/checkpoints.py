@@ -43,6 +43,12 @@ def stack_offsets(config):
             "out_layers": config.num_low_layers + config.num_high_layers}
 
 
+def stack_key(config, i, name):
+    """The HMamba key of parameter `name` of flat layer i (layers 0.. fill L, then H, then out)."""
+    stack, start = next((k, v) for k, v in reversed(stack_offsets(config).items()) if i >= v)  # empty stacks skip
+    return f"backbone.{stack}.{i - start}.{name}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # reading
 
@@ -234,11 +240,9 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     state = {"backbone.embeddings.weight": embedding, "backbone.norm_f.weight": norm_f}
     if not config.tie_word_embeddings:
         state["lm_head.weight"] = lm_head
-    stacks = ["low_layers"] * low_layers + ["high_layers"] * config.num_high_layers + ["out_layers"] * out_layers
-    starts = stack_offsets(config)
-    for i, (stack, params) in enumerate(_progress(zip(stacks, layers), f"mapping {n} layers", n)):
+    for i, params in enumerate(_progress(layers, f"mapping {n} layers", n)):
         for name, tensor in params.items():
-            state[f"backbone.{stack}.{i - starts[stack]}.{name}"] = tensor
+            state[stack_key(config, i, name)] = tensor
     state = {k: v.to(target) for k, v in state.items()}
 
     with atomic_output_dir(out, overwrite) as tmp:

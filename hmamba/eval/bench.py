@@ -14,7 +14,6 @@ import gc
 import math
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from ..atomic import atomic_write, atomic_write_json
 from ..configuration_hmamba import HMambaConfig
+from ..conversion.checkpoints import LAYER_KEY, stack_key
 from ..modeling_hmamba import HMambaForCausalLM
 
 PRESETS = {
@@ -44,7 +44,6 @@ PRESETS = {
 SECTIONS = ("prefill", "decode", "train")
 ANCHOR = "transformers Mamba"
 MAMBA_SSM = "mamba_ssm"
-LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,8 +132,7 @@ def hmamba_from_anchor(anchor, chunk_size):
     for key, value in anchor.state_dict().items():
         m = LAYER_KEY.match(key)
         if m:
-            i = int(m.group(1))
-            key = f"backbone.{'low_layers' if i < low else 'high_layers'}.{i if i < low else i - low}.{m.group(2)}"
+            key = stack_key(config, int(m.group(1)), m.group(2))
         state[key] = value
     with torch.device("meta"):
         model = HMambaForCausalLM(config)
