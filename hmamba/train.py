@@ -268,26 +268,25 @@ def train(
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
 
-    if lora and merge_lora:
-        net = trainer.model.merge_and_unload()
-    trainer.model = net  # save_model writes whatever `trainer.model` is: merged, adapters, or the full model
+    if lora and merge_lora:  # save_model writes `trainer.model`: the merged model instead of the adapters
+        trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(output_dir)
+    tokens = result.global_step * batch_size * gradient_accumulation_steps * args.world_size * block_size
     summary = {
         "source": source,
-        "parameters": net.num_parameters(),
-        "trainable_parameters": net.num_parameters(only_trainable=True),
+        "parameters": trainer.model.num_parameters(),
+        "trainable_parameters": trainer.model.num_parameters(only_trainable=True),
         "block_size": block_size,
         "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks),
         "steps": result.global_step,
-        "tokens_trained": result.global_step * batch_size * gradient_accumulation_steps * args.world_size * block_size,
+        "tokens_trained": tokens,
         "train_loss": result.training_loss,
         "eval_loss": metrics["eval_loss"],
         "eval_perplexity": math.exp(metrics["eval_loss"]),
         "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
         "train_seconds": result.metrics["train_runtime"],
-        "tokens_per_second": result.global_step * batch_size * gradient_accumulation_steps * args.world_size
-        * block_size / result.metrics["train_runtime"],
+        "tokens_per_second": tokens / result.metrics["train_runtime"],
         "command": command,
         "log_history": trainer.state.log_history,
     }
