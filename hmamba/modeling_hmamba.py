@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,22 +75,26 @@ def to_dtype(x, dtype=None):
 
 
 def causal_conv1d(x, weight, bias=None, activation=None):
-    """Depthwise causal convolution. x: (B, D, T), weight: (D, W) -> (B, D, T)."""
+    """Depthwise causal convolution. x: (B, D, T), weight: (D, W) -> (B, D, T).
+
+    Computed token-major, as the transpose of (B, T, D) rows: in_proj's output is laid out that way, so each of the
+    W shifted products reads whole contiguous rows, and the result is again a (B, D, T) view of token-major memory
+    (a sum of W shifted products beats a grouped conv on CPU)."""
     width, length = weight.shape[1], x.shape[-1]
-    x_pad = F.pad(x, (width - 1, 0))
-    out = x_pad[..., :length] * weight[:, :1]  # a sum of W shifted products beats a grouped conv on CPU
+    x_pad = F.pad(x.transpose(1, 2), (0, 0, width - 1, 0))  # (B, W - 1 + T, D)
+    out = x_pad[:, :length] * weight[:, 0]
     for k in range(1, width):
-        out = out.addcmul(x_pad[..., k : k + length], weight[:, k : k + 1])
+        out = out.addcmul(x_pad[:, k : k + length], weight[:, k])
     if bias is not None:
-        out = out + bias[:, None]
-    return F.silu(out) if activation in ("silu", "swish") else out
+        out = out + bias
+    out = F.silu(out) if activation in ("silu", "swish") else out
+    return out.transpose(1, 2)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One step of the causal convolution. x: (B, D), conv_state: (B, D, W) updated in place -> (B, D)."""
-    conv_state.copy_(conv_state.roll(-1, dims=-1))
-    conv_state[:, :, -1] = x
-    out = (conv_state.to(weight.dtype) * weight).sum(-1)
+    conv_state.copy_(torch.cat((conv_state[..., 1:], x[..., None].to(conv_state.dtype)), dim=-1))
+    out = (conv_state.to(weight.dtype) * weight) @ weight.new_ones(weight.shape[1])  # a sum over W, as one matvec
     if bias is not None:
         out = out + bias
     return F.silu(out) if activation in ("silu", "swish") else out
@@ -100,11 +105,30 @@ def _scan_block_size(batch, dim, state):
     return max(16, min(256, (1 << 21) // max(1, batch * dim * state)))
 
 
-def _discretize(u, delta, A, B):
-    """Zero-order hold. u, delta: (K, B, D), A: (D, N), B: (K, B, N) -> dA, dBu: (K, B, D, N)."""
-    dA = torch.mul(delta[..., None], A).exp_()  # in place: one (K, B, D, N) buffer, not two
-    dBu = (delta * u)[..., None] * B[:, :, None, :]
-    return dA, dBu
+_SCAN_WORKSPACE = threading.local()  # per thread, so that models running in threads never share buffers
+
+
+def _scan_buffers(count, shape, like):
+    """`count` buffers of `shape` for the scan's blocks, views of a workspace kept per thread, device and dtype and
+    reused across calls: a fresh multi-MB buffer per call costs more in page faults than the arithmetic done in it
+    (about 11 ms per 8 MB buffer on the 2-core dev VM, a sixth of a 130m prefill)."""
+    numel = count * math.prod(shape)
+    workspace = _SCAN_WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype)
+    if key not in workspace or workspace[key].numel() < numel:
+        workspace[key] = like.new_empty(numel)
+    return workspace[key][:numel].view(count, *shape)
+
+
+def _block_states(u, delta, A, B, h, dA, hs):
+    """Zero-order hold and recurrence over one block of K steps, into preallocated buffers dA, hs: (K, B, D, N)
+    (`_scan_buffers`).
+    u, delta: (K, B, D); A: (D, N); B: (K, B, N); h: (B, D, N), the state before the block. Returns dA, the states."""
+    torch.mul(delta[..., None], A, out=dA).exp_()
+    torch.mul((delta * u)[..., None], B[:, :, None, :], out=hs)  # delta B u, then the states in place
+    for dA_t, h_t in zip(dA.unbind(0), hs.unbind(0)):  # views made in one call, not indexed per step
+        h = h_t.addcmul_(dA_t, h)
+    return dA, hs
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -120,17 +144,16 @@ class _SelectiveScan(torch.autograd.Function):
         # u, delta: (T, B, D); A: (D, N); B, C: (T, B, N); h0: (B, D, N)
         length, batch, dim = u.shape
         block = _scan_block_size(batch, dim, A.shape[1])
+        buffers = _scan_buffers(2, (block, batch, dim, A.shape[1]), u)
         y = u.new_empty(length, batch, dim)
         starts = []
         h = h0
         for s in range(0, length, block):
             e = min(s + block, length)
-            dA, hs = _discretize(u[s:e], delta[s:e], A, B[s:e])  # hs starts as dBu and becomes the states
-            starts.append(h.clone())
-            for i in range(e - s):
-                hs[i].addcmul_(dA[i], h)
-                h = hs[i]
+            starts.append(h.clone())  # h is the last block's final state, in a buffer this block overwrites
+            _, hs = _block_states(u[s:e], delta[s:e], A, B[s:e], starts[-1], *buffers[:, : e - s])
             y[s:e] = torch.einsum("kbdn,kbn->kbd", hs, C[s:e])
+            h = hs[-1]
         ctx.block = block
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
         return y, h.clone()
@@ -141,21 +164,21 @@ class _SelectiveScan(torch.autograd.Function):
         length, block = u.shape[0], ctx.block
         gu, gdelta, gB, gC = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(B), torch.empty_like(C)
         gA = torch.zeros_like(A)
+        buffers = _scan_buffers(4, (block, *starts.shape[1:]), u)
         carry = gh_last  # dL/dh at the end of the current block, from everything after it
         for n, s in reversed(list(enumerate(range(0, length, block)))):
             e = min(s + block, length)
-            dA, hs = _discretize(u[s:e], delta[s:e], A, B[s:e])
-            h = starts[n]
-            for i in range(e - s):
-                hs[i].addcmul_(dA[i], h)
-                h = hs[i]
-            lam = gy[s:e, :, :, None] * C[s:e, :, None, :]  # (K, B, D, N): dL/dh_t, direct part
+            dA_buf, hs_buf, lam_buf, g_buf = buffers[:, : e - s]
+            dA, hs = _block_states(u[s:e], delta[s:e], A, B[s:e], starts[n], dA_buf, hs_buf)
+            lam = torch.mul(gy[s:e, :, :, None], C[s:e, :, None, :], out=lam_buf)  # (K, B, D, N): dL/dh_t, direct
             lam[-1] += carry
+            lams, dAs = lam.unbind(0), dA.unbind(0)
             for i in range(e - s - 2, -1, -1):
-                lam[i].addcmul_(dA[i + 1], lam[i + 1])
+                lams[i].addcmul_(dAs[i + 1], lams[i + 1])
             gC[s:e] = torch.einsum("kbdn,kbd->kbn", hs, gy[s:e])
-            h_prev = torch.cat([starts[n][None], hs[:-1]])
-            g_log_dA = lam * h_prev * dA  # dL/d(delta A)
+            g_log_dA = torch.mul(lam, dA, out=g_buf)  # dL/d(delta A) = lam_t * dA_t * h_{t-1}
+            g_log_dA[0] *= starts[n]
+            g_log_dA[1:] *= hs[:-1]
             lam_B = torch.einsum("kbdn,kbn->kbd", lam, B[s:e])
             gdelta[s:e] = torch.einsum("kbdn,dn->kbd", g_log_dA, A) + lam_B * u[s:e]
             gA += torch.einsum("kbdn,kbd->dn", g_log_dA, delta[s:e])
@@ -178,7 +201,7 @@ def selective_scan(
         delta = F.softplus(delta)
     if initial_state is None:
         initial_state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    time_major = lambda t: t.float().permute(2, 0, 1)  # noqa: E731  (B, X, T) -> (T, B, X)
+    time_major = lambda t: t.float().permute(2, 0, 1).contiguous()  # noqa: E731  (B, X, T) -> (T, B, X)
     y, last_state = _SelectiveScan.apply(
         time_major(u), time_major(delta), A.float(), time_major(B), time_major(C), initial_state.float()
     )
@@ -200,7 +223,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    state.mul_(torch.exp(dt[..., None] * A.float())).addcmul_((dt * x)[..., None], B.float()[:, None, :])
+    dA = (dt[..., None] * A.float()).exp_()  # (B, D, N)
+    state.mul_(dA).addcmul_((dt * x)[..., None], B.float()[:, None, :])
     y = torch.bmm(state, C.float()[..., None])[..., 0]
     if D is not None:
         y = y.addcmul(x, D.float())
@@ -209,24 +233,33 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return to_dtype(y, dtype)
 
 
-def use_gemv_layout_(linear):
-    """Store a plain nn.Linear's weight as the transpose of a contiguous (in, out) matrix, in place, on CPU.
+def linear(module, x):
+    """module(x), with few-row float32 products on CPU split into one block of weight rows per thread.
 
-    Decoding multiplies every weight by one vector per row, so it is bound by how fast the weights stream from
-    memory. For wide weights (out >> in: in_proj, lm_head) MKL's matrix-vector product streams the (in, out)
-    layout close to copy bandwidth and the usual (out, in) one at about half of it (benchmarks/gemv_layouts.py).
-    Same values and the same Parameter object, so ties, optimizers and state_dict keys are unaffected; a wrapped
-    module (PEFT LoRA, quantized) is left alone.
+    Decoding multiplies each weight by one vector per row, so it is bound by how fast the weights stream from
+    memory. MKL runs such a product (x: a few rows) on one thread, at about half the memory bandwidth on this
+    project's CPUs; a batched product over row blocks (one view, no copy) keeps every thread streaming and reaches
+    the bandwidth of a plain read (benchmarks/gemv_split.py). Only plain nn.Linear weights large enough to stream
+    from memory take it: a wrapped module (PEFT LoRA, quantized) is called as itself.
     """
-    weight = getattr(linear, "weight", None)
-    if type(linear) is nn.Linear and weight.device.type == "cpu" and weight.stride(0) != 1:
-        weight.data = weight.data.t().contiguous().t()
+    threads, weight = torch.get_num_threads(), getattr(module, "weight", None)
+    rows = x.numel() // x.shape[-1]
+    if (
+        type(module) is not nn.Linear or x.device.type != "cpu" or x.dtype != torch.float32 or rows > 16
+        or threads < 2 or weight.numel() < 2**20 or weight.shape[0] % threads or not weight.is_contiguous()
+    ):
+        return module(x)
+    blocks = weight.view(threads, -1, weight.shape[1])  # (threads, out / threads, in)
+    y = torch.bmm(blocks, x.reshape(1, rows, -1).transpose(1, 2).expand(threads, -1, -1))  # (threads, out/threads, rows)
+    y = y.reshape(weight.shape[0], rows).t().reshape(*x.shape[:-1], weight.shape[0])
+    return y if module.bias is None else y + module.bias
 
 
 class TorchOps:
     """The pure-PyTorch path: runs on every device, differentiable, tested against the kernels on CUDA.
     mamba_inner is the fused kernel of a whole mixer; None means: compose the ops above."""
 
+    linear = staticmethod(linear)
     causal_conv1d = staticmethod(causal_conv1d)
     causal_conv1d_update = staticmethod(causal_conv1d_update)
     selective_scan = staticmethod(selective_scan)
@@ -361,8 +394,8 @@ class HMambaRMSNorm(nn.Module):
 
     def forward(self, x):
         """Normalised in float32 (from a float32 residual as it is), returned in the weight's dtype."""
-        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)
-        return self.weight * normed.to(self.weight.dtype)  # |normed| <= sqrt(hidden_size): no overflow guard needed
+        normed = F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), eps=self.variance_epsilon)
+        return normed.to(self.weight.dtype)  # as mamba_ssm's RMSNorm; |x / rms(x)| <= sqrt(hidden_size)
 
 
 class HMambaMixer(nn.Module):
@@ -392,7 +425,7 @@ class HMambaMixer(nn.Module):
             return self.step(hidden_states[:, 0], cache)[:, None]
         ops = ops_for(hidden_states)
         rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, T)
+        xz = ops.linear(self.in_proj, hidden_states).transpose(1, 2)  # (B, 2 * d_inner, T)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
         if ops.mamba_inner is not None and cache is None and mask is None and self.projections_are_plain():
             return ops.mamba_inner(
@@ -418,13 +451,13 @@ class HMambaMixer(nn.Module):
         )
         if cache is not None:
             cache.ssm_states[self.layer_idx].copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))  # (B, T, hidden)
+        return ops.linear(self.out_proj, y.transpose(1, 2))  # (B, T, hidden)
 
     def step(self, hidden_states, cache):
         """One token per row: (B, hidden) -> (B, hidden); this layer's conv and SSM states advance in place."""
         ops = ops_for(hidden_states)
         rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, d_inner) each
+        x, z = ops.linear(self.in_proj, hidden_states).chunk(2, dim=-1)  # (B, d_inner) each
         conv_state, ssm_state = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx]
         x = ops.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = self.x_proj(x).split([rank, d_state, d_state], dim=-1)
@@ -432,7 +465,7 @@ class HMambaMixer(nn.Module):
         if A is None:
             A = cache.A[self.layer_idx] = -torch.exp(self.A_log.float())
         y = ops.selective_state_update(ssm_state, x, self.dt_proj(dt), A, B, C, self.D, z, dt_softplus=True)
-        return self.out_proj(y)
+        return ops.linear(self.out_proj, y)
 
     def projections_are_plain(self):
         """Whether every projection is a plain nn.Linear: the fused kernel reads x_proj, dt_proj and out_proj
@@ -748,8 +781,6 @@ class HMambaModel(HMambaPreTrainedModel):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         if cache is None and use_cache:
             cache = HMambaCache(config, x.shape[0], dtype=x.dtype, device=x.device)
-            for block in (*self.low_layers, *self.high_layers, *self.out_layers):
-                use_gemv_layout_(block.mixer.in_proj)  # decoding follows: one vector per row times each weight
 
         if cache is not None and cache.has_previous_state:
             # continuing from a cache: step through the new tokens one at a time
@@ -955,11 +986,10 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
             return_dict=True,
             attention_mask=attention_mask,
         )
-        if outputs.cache is not None and (cache if cache is not None else cache_params) is None:
-            use_gemv_layout_(self.lm_head)  # a new cache: decoding follows (tied: the embedding's weight too)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+        hidden_states = hidden_states[:, keep].to(self.lm_head.weight.dtype)
+        logits = ops_for(hidden_states).linear(self.lm_head, hidden_states).float()
 
         loss = None
         if labels is not None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 from hmamba import HMambaConfig, HMambaForCausalLM, HMambaModel
-from hmamba.modeling_hmamba import selective_scan
+from hmamba.modeling_hmamba import causal_conv1d, causal_conv1d_update, linear, selective_scan
 
 from conftest import flat_mamba_to_hmamba, tiny_config, tiny_model
 
@@ -156,6 +156,85 @@ def test_selective_scan_matches_reference_forward_and_backward(length):
     for k in inputs:
         torch.testing.assert_close(our_inputs[k].grad, ref_inputs[k].grad, atol=1e-4, rtol=1e-3, msg=k)
     torch.testing.assert_close(our_h0.grad, ref_h0.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_interleaved_scans_keep_their_own_gradients():
+    """The scan's block buffers are a workspace shared by every call in a thread: a second forward between a
+    forward and its backward (as in any multi-layer model) must not change the first one's gradients."""
+    torch.manual_seed(0)
+    b, d, n, length = 1, 4, 3, 40
+
+    def inputs():
+        return dict(u=torch.randn(b, d, length), delta=torch.randn(b, d, length), A=-torch.rand(d, n) * 3,
+                    B=torch.randn(b, n, length), C=torch.randn(b, n, length), D=torch.randn(d),
+                    z=torch.randn(b, d, length))
+
+    first, second = inputs(), inputs()
+    grads = []
+    for run in ("alone", "interleaved"):
+        ours = {k: v.clone().requires_grad_() for k, v in first.items()}
+        y = selective_scan(**ours, delta_softplus=True)
+        if run == "interleaved":
+            other = {k: v.clone().requires_grad_() for k, v in second.items()}
+            selective_scan(**other, delta_softplus=True).sum().backward()
+        y.square().sum().backward()
+        grads.append({k: v.grad for k, v in ours.items()})
+    for k in first:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=0, msg=k)
+
+
+def test_ops_accept_channel_and_token_major_layouts():
+    """in_proj's output reaches the ops as a (B, D, T) view of token-major memory; the results must not depend on
+    the layout, and the conv must equal torch's depthwise causal conv and its one-step update."""
+    torch.manual_seed(0)
+    b, d, length, width = 2, 5, 9, 4
+    x_token_major = torch.randn(b, length, d)
+    weight, bias = torch.randn(d, width), torch.randn(d)
+    reference = F.silu(F.conv1d(x_token_major.transpose(1, 2), weight[:, None], bias, padding=width - 1, groups=d)[
+        ..., :length])
+    for x in (x_token_major.transpose(1, 2), x_token_major.transpose(1, 2).contiguous()):
+        torch.testing.assert_close(causal_conv1d(x, weight, bias, "silu"), reference)
+    state = torch.zeros(b, d, width)
+    steps = [causal_conv1d_update(x_token_major[:, t], state, weight, bias, "silu") for t in range(length)]
+    torch.testing.assert_close(torch.stack(steps, -1), reference)
+
+    n = 3
+    u, delta = torch.randn(b, length, d), torch.randn(b, length, d)
+    A, B, C = -torch.rand(d, n), torch.randn(b, n, length), torch.randn(b, n, length)
+    channel_major = selective_scan(u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A, B, C,
+                                   delta_softplus=True)
+    token_major = selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B, C, delta_softplus=True)
+    torch.testing.assert_close(token_major, channel_major)
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (3, 1, 1024), (16, 1024), (17, 1024), (2, 40, 1024)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_row_split_linear_equals_the_module(monkeypatch, shape, bias):
+    """Few-row float32 products on CPU run as one batched product over row blocks, one per thread (decode streams
+    every weight at the memory's bandwidth that way): same result as the module, and taken exactly when it
+    should be (few rows, a large plain nn.Linear, several threads)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(1024, 1024, bias=bias)
+    x = torch.randn(*shape)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or bmm(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = linear(module, x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y, module(x), atol=1e-5, rtol=1e-5)
+    rows = x.numel() // x.shape[-1]
+    assert len(calls) == (1 if rows <= 16 else 0)
+    calls.clear()
+    torch.set_num_threads(1)
+    try:
+        torch.testing.assert_close(linear(module, x), module(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert not calls  # one thread: nothing to split
 
 
 # ---- transformers conventions ---------------------------------------------------------------------------

@@ -43,6 +43,7 @@ PRESETS = {
 }
 SECTIONS = ("prefill", "decode", "train")
 ANCHOR = "transformers Mamba"
+FLAT = "hmamba s=1"  # chunk_size 1: the anchor's function; the hierarchy table compares each chunk size with it
 MAMBA_SSM = "mamba_ssm"
 
 
@@ -237,18 +238,22 @@ def copy_bandwidth(device, mib, repeat=5):
 # measurements
 
 
-def _timed(fn, device, repeat):
-    """(median seconds over `repeat` runs after one warm-up, peak bytes of the last run)."""
-    fn()
-    times = []
-    for i in range(repeat):
-        with PeakMemory(device) as mem:
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], mem.bytes
+def _timed_rounds(fns, device, repeat):
+    """{key: (median seconds, peak bytes of its last run)} for each function of `fns`: one warm-up each, then `repeat`
+    rounds that run every function once, in turn, so that a shared machine's drift hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times, peaks = {k: [] for k in fns}, {}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            with PeakMemory(device) as mem:
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[key].append(time.perf_counter() - start)
+            peaks[key] = mem.bytes
+    return {k: (sorted(t)[len(t) // 2], peaks[k]) for k, t in times.items()}
 
 
 def _generate(model, prompt, tokens):
@@ -261,7 +266,7 @@ def _generate(model, prompt, tokens):
 class Bench:
     def __init__(self, preset="quick", device="cpu", dtype="float32", sections=SECTIONS, chunk_sizes=None,
                  lengths=None, batch_sizes=None, decode_tokens=None, train_lengths=None, anchor_train_max=512,
-                 repeat=None, log=print):
+                 anchor_prefill_max=4096, repeat=None, log=print):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
         unknown = set(sections) - set(SECTIONS)
@@ -278,7 +283,7 @@ class Bench:
             raise ValueError("lengths, batch sizes and chunk sizes must be positive integers")
         self.preset_name, self.p, self.sections, self.log = preset, p, tuple(sections), log
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
-        self.anchor_train_max = anchor_train_max
+        self.anchor_train_max, self.anchor_prefill_max = anchor_train_max, anchor_prefill_max
         self.records = []
 
     def _record(self, section, model, x, seconds, peak, **extra):
@@ -291,13 +296,13 @@ class Bench:
 
     @torch.no_grad()
     def prefill(self, models):
-        self.log(f"prefill, batch 1, logits at every position (lengths {list(self.p['lengths'])})", flush=True)
-        vocab = self.p["vocab"]
+        self.log(f"prefill, batch 1, logits at every position (lengths {list(self.p['lengths'])}; the anchor only up "
+                 f"to T={self.anchor_prefill_max})", flush=True)
         for length in self.p["lengths"]:
-            ids = torch.randint(0, vocab, (1, length), device=self.device)
-            for name, model in models.items():
-                seconds, peak = _timed(lambda: model(ids), self.device, self.p["repeat"]) if name == MAMBA_SSM else \
-                    _timed(lambda: model(ids, use_cache=False), self.device, self.p["repeat"])
+            ids = torch.randint(0, self.p["vocab"], (1, length), device=self.device)
+            fns = {name: (lambda m=model: m(ids)) if name == MAMBA_SSM else (lambda m=model: m(ids, use_cache=False))
+                   for name, model in models.items() if name != ANCHOR or length <= self.anchor_prefill_max}
+            for name, (seconds, peak) in _timed_rounds(fns, self.device, self.p["repeat"]).items():
                 self._record("prefill", name, length, seconds, peak, tokens_per_s=length / seconds)
 
     @torch.no_grad()
@@ -307,17 +312,19 @@ class Bench:
                  f"(time for {counts[-1]} tokens - time for {counts[0]}) / {counts[-1] - counts[0]}", flush=True)
         for batch in self.p["batch_sizes"]:
             prompt = torch.randint(0, self.p["vocab"], (batch, self.p["prompt"]), device=self.device)
-            for name, model in models.items():
-                runs = {n: _timed(lambda n=n: _generate(model, prompt, n), self.device, 1)
-                        for n in (counts if batch == 1 else (counts[0], counts[-1]))}
-                step = (runs[counts[-1]][0] - runs[counts[0]][0]) / (counts[-1] - counts[0])
+            ns = counts if batch == 1 else (counts[0], counts[-1])
+            fns = {(name, n): (lambda m=models[name], n=n: _generate(m, prompt, n)) for name in models for n in ns}
+            runs = _timed_rounds(fns, self.device, self.p["repeat"])
+            for name in models:
+                step = (runs[name, counts[-1]][0] - runs[name, counts[0]][0]) / (counts[-1] - counts[0])
                 method = "difference"
                 if step <= 0:  # timing noise swamped the difference: fall back to the (prefill-including) mean
-                    step, method = runs[counts[-1]][0] / counts[-1], "mean including prefill (noisy difference)"
-                for n, (seconds, peak) in runs.items():
+                    step, method = runs[name, counts[-1]][0] / counts[-1], "mean including prefill (noisy difference)"
+                for n in ns:
+                    seconds, peak = runs[name, n]
                     self.records.append(dict(section="decode_memory", model=name, x=n, batch=batch, seconds=seconds,
                                              peak_mib=None if peak is None else peak / 2**20))
-                self._record("decode", name, batch, step, runs[counts[-1]][1], latency_ms=1e3 * step,
+                self._record("decode", name, batch, step, runs[name, counts[-1]][1], latency_ms=1e3 * step,
                              tokens_per_s=batch / step, latency_method=method)
 
     def train(self):
@@ -329,19 +336,19 @@ class Bench:
                  f"batch 1 (the anchor only up to T={self.anchor_train_max}: its backward is quadratic in T)", flush=True)
         for length in p["train_lengths"]:
             ids = torch.randint(0, p["train_vocab"], (1, length), device=self.device)
-            for name, model in models.items():
-                if name == ANCHOR and length > self.anchor_train_max:
-                    continue
 
-                def forward():
-                    return model(ids, labels=ids, use_cache=False).loss
+            def forward(model):
+                return model(ids, labels=ids, use_cache=False).loss
 
-                def step():
-                    model.zero_grad(set_to_none=True)
-                    forward().backward()
+            def step(model):
+                model.zero_grad(set_to_none=True)
+                forward(model).backward()
 
-                fwd, _ = _timed(forward, self.device, p["repeat"])
-                seconds, peak = _timed(step, self.device, p["repeat"])
+            names = [n for n in models if n != ANCHOR or length <= self.anchor_train_max]
+            fns = {(n, part): (lambda m=models[n], f=f: f(m)) for n in names for part, f in (("f", forward), ("fb", step))}
+            runs = _timed_rounds(fns, self.device, p["repeat"])
+            for name in names:
+                (fwd, _), (seconds, peak) = runs[name, "f"], runs[name, "fb"]
                 self._record("train", name, length, seconds, peak, forward_s=fwd, tokens_per_s=length / seconds,
                              backward_over_forward=seconds / fwd)
 
@@ -445,6 +452,15 @@ def format_tables(result):
     table("training step (forward+backward): seconds, tokens/s (ratio to the anchor), backward+forward / forward",
           _cells(result, "train"), "T",
           lambda r: f"{r['seconds']:.3f} s, {r['tokens_per_s']:.0f} tok/s, fb/f {r['backward_over_forward']:.1f}")
+    chunked = [n for n in names if n.startswith("hmamba s=") and n != FLAT]
+    hierarchy = [(section, x, row) for section in ("prefill", "train") for x, row in _cells(result, section).items()
+                 if FLAT in row and any(n in row for n in chunked)]
+    if hierarchy:
+        out.append(f"\nhierarchy: time of each chunk size over {FLAT} (same depth, same weights)\n| section | T | "
+                   + " | ".join(chunked) + " |\n|" + "---|" * (2 + len(chunked)))
+        for section, x, row in hierarchy:
+            out.append(f"| {section} | {x} | " + " | ".join(
+                f"{row[n]['seconds'] / row[FLAT]['seconds']:.2f}x" if n in row else "-" for n in chunked) + " |")
     if floors:
         out.append(f"\nfloors: measured GEMM {floors['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
                    f"{floors['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write); decode bytes/token: " + ", ".join(

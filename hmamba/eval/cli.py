@@ -74,7 +74,10 @@ def add_bench(sub):
     p.add_argument("--train-lengths", type=_ints, default=None, help="training-step lengths (default: preset)")
     p.add_argument("--anchor-train-max", type=int, default=512,
                    help="longest T for the anchor's training step, whose backward is quadratic (default: 512)")
-    p.add_argument("--repeat", type=int, default=None, help="timed runs per cell after a warm-up (default: preset)")
+    p.add_argument("--anchor-prefill-max", type=int, default=4096,
+                   help="longest T for the anchor's prefill, 4x slower than HMamba's (default: 4096)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed rounds after a warm-up; each round runs every model once, in turn (default: preset)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32)")
@@ -89,4 +92,4 @@ def _bench(args):
     run(out_dir=args.out_dir, preset=args.preset, device=args.device, dtype=args.dtype,
         sections=tuple(s for s in args.only.split(",") if s), chunk_sizes=args.chunk_sizes, lengths=args.lengths,
         batch_sizes=args.batch_sizes, decode_tokens=args.decode_tokens, train_lengths=args.train_lengths,
-        anchor_train_max=args.anchor_train_max, repeat=args.repeat)
+        anchor_train_max=args.anchor_train_max, anchor_prefill_max=args.anchor_prefill_max, repeat=args.repeat)
