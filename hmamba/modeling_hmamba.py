@@ -110,8 +110,8 @@ _SCAN_WORKSPACE = threading.local()  # per thread, so that models running in thr
 
 def _scan_buffers(count, shape, like):
     """`count` buffers of `shape` for the scan's blocks, views of a workspace kept per thread, device and dtype and
-    reused across calls: a fresh multi-MB buffer per call costs more in page faults than the arithmetic done in it
-    (about 11 ms per 8 MB buffer on the 2-core dev VM, a sixth of a 130m prefill)."""
+    reused across calls: the first write into a fresh multi-MB buffer pays its page faults, about 11 ms per 8 MB on
+    the 2-core dev VM, ten times the arithmetic done in it."""
     numel = count * math.prod(shape)
     workspace = _SCAN_WORKSPACE.__dict__.setdefault("buffers", {})
     key = (like.device, like.dtype)
@@ -788,7 +788,7 @@ class HMambaModel(HMambaPreTrainedModel):
             x = torch.cat([h[-1] for h in steps], dim=1)
             hidden = tuple(torch.cat(layer, dim=1) for layer in zip(*steps)) if output_hidden_states else None
         else:
-            hidden = self._sequence(x, cache, attention_mask)
+            hidden = self._sequence(x, cache, attention_mask, output_hidden_states)
             x = hidden[-1]
             if cache is not None:
                 cache.has_previous_state = True
@@ -852,9 +852,10 @@ class HMambaModel(HMambaPreTrainedModel):
                     "soft masks: pass the tokenizer's 0/1 mask."
                 )
 
-    def _sequence(self, x, cache, attention_mask):
+    def _sequence(self, x, cache, attention_mask, output_hidden_states=False):
         """Full-sequence pass (training, scoring, prefill into a fresh cache). Returns every layer's output at
-        token rate, then the normed final state."""
+        token rate, then the normed final state (only the normed final state unless `output_hidden_states`: a
+        long prefill would otherwise hold every layer's (B, T, D) output until the end)."""
         mask = None if attention_mask is None else attention_mask.to(x.device)
         if cache is not None and mask is not None and not bool(mask[:, -1].all()):
             raise ValueError(
@@ -864,7 +865,8 @@ class HMambaModel(HMambaPreTrainedModel):
         hidden = []
         for block in self.low_layers:  # L-stack, token rate
             x = block(x, cache, mask)
-            hidden.append(x)
+            if output_hidden_states:
+                hidden.append(x)
         x_low = x
 
         chunks = Chunking(mask, x.shape[1], self.config.chunk_size, x.device)
@@ -874,11 +876,12 @@ class HMambaModel(HMambaPreTrainedModel):
             chunk_mask = None if mask is None else chunks.chunk_mask  # without padding every chunk is real
             for block in self.high_layers:  # H-stack, chunk rate
                 h = block(h, cache, chunk_mask)
-                hidden.append(x_low + chunks.up(h - z))  # as the tokens see it after fusion
-            x = hidden[-1]  # fuse: x_L + up(H(z) - z)
+                if output_hidden_states:
+                    hidden.append(x_low + chunks.up(h - z))  # as the tokens see it after fusion
+            x = x_low + chunks.up(h - z)  # fuse: x_L + up(H(z) - z)
             if cache is not None:
                 cache.update.copy_(h[:, -1] - z[:, -1])  # chunks are right-aligned: the last slot is the latest
-        else:
+        elif output_hidden_states:
             hidden.extend([x_low] * len(self.high_layers))
         if cache is not None:
             cache.position.copy_(chunks.lengths.expand(x.shape[0]))
@@ -887,7 +890,8 @@ class HMambaModel(HMambaPreTrainedModel):
 
         for block in self.out_layers:  # token rate
             x = block(x, cache, mask)
-            hidden.append(x)
+            if output_hidden_states:
+                hidden.append(x)
         hidden.append(self.norm_f(x))
         return hidden
 

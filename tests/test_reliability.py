@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import subprocess
+import weakref
 import sys
 from pathlib import Path
 
@@ -384,6 +385,26 @@ def test_prefill_32k_tokens_in_linear_memory():
     print(f"peak(32k) / peak(8k) = {ratio:.2f} (linear: 4, quadratic: 16)")
     assert ratio < 6
     assert peaks[32768] / 32768 < 4096  # a few hundred bytes of activations per token, not a T x T matrix
+
+
+@pytest.mark.parametrize("output_hidden_states", [False, True])
+def test_a_pass_frees_each_layer_output_unless_hidden_states_are_asked_for(output_hidden_states):
+    """Memory linear in T with a small constant: without output_hidden_states the full-sequence pass keeps only the
+    tensors it still needs, not every layer's (B, T, D) output until the end."""
+    model = tiny_model(num_low_layers=2, num_high_layers=2, num_out_layers=3, chunk_size=2).eval()
+    outputs, alive = [], []
+    blocks = [*model.backbone.low_layers, *model.backbone.high_layers, *model.backbone.out_layers]
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o))) for b in blocks]
+    hooks.append(model.backbone.norm_f.register_forward_pre_hook(
+        lambda m, i: alive.append(sum(r() is not None for r in outputs))))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 32)), output_hidden_states=output_hidden_states)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == len(blocks)
+    # alive when norm_f runs: without hidden states the L-stack output (the fusion's input), the last H output
+    # (chunk rate) and the stream; with them also every other token-rate layer output (2 L + 3 out + the last H)
+    assert alive == ([6] if output_hidden_states else [3])
 
 
 def test_decode_10k_tokens_with_a_constant_cache():
