@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -106,18 +107,22 @@ def _scan_block_size(batch, dim, state):
 
 
 _SCAN_WORKSPACE = threading.local()  # per thread, so that models running in threads never share buffers
+_SCAN_WORKSPACE_MAX = 64 * 2**20  # bytes kept per thread and dtype; larger requests get fresh buffers
 
 
 def _scan_buffers(count, shape, like):
-    """`count` buffers of `shape` for the scan's blocks, views of a workspace kept per thread, device and dtype and
-    reused across calls: the first write into a fresh multi-MB buffer pays its page faults, about 11 ms per 8 MB on
-    the 2-core dev VM, ten times the arithmetic done in it."""
+    """`count` buffers of `shape` for the scan's blocks. On CPU, views of a workspace kept per thread and dtype and
+    reused across calls (up to _SCAN_WORKSPACE_MAX): the first write into a fresh multi-MB buffer pays its page
+    faults, about 11 ms per 8 MB on the 2-core dev VM, ten times the arithmetic done in it. (CUDA's caching
+    allocator already reuses memory.)"""
     numel = count * math.prod(shape)
+    if like.device.type != "cpu" or numel * like.element_size() > _SCAN_WORKSPACE_MAX:
+        return like.new_empty(count, *shape)
     workspace = _SCAN_WORKSPACE.__dict__.setdefault("buffers", {})
-    key = (like.device, like.dtype)
-    if key not in workspace or workspace[key].numel() < numel:
-        workspace[key] = like.new_empty(numel)
-    return workspace[key][:numel].view(count, *shape)
+    if like.dtype not in workspace or workspace[like.dtype].numel() < numel:
+        with torch.inference_mode(False):  # an ordinary tensor, usable in and out of inference mode
+            workspace[like.dtype] = torch.empty(numel, dtype=like.dtype)
+    return workspace[like.dtype][:numel].view(count, *shape)
 
 
 def _block_states(u, delta, A, B, h, dA, hs):
@@ -159,6 +164,7 @@ class _SelectiveScan(torch.autograd.Function):
         return y, h.clone()
 
     @staticmethod
+    @once_differentiable  # the hand-written adjoint is not itself differentiable
     def backward(ctx, gy, gh_last):
         u, delta, A, B, C, starts = ctx.saved_tensors
         length, block = u.shape[0], ctx.block
@@ -239,20 +245,30 @@ def linear(module, x):
     Decoding multiplies each weight by one vector per row, so it is bound by how fast the weights stream from
     memory. MKL runs such a product (x: a few rows) on one thread, at about half the memory bandwidth on this
     project's CPUs; a batched product over row blocks (one view, no copy) keeps every thread streaming and reaches
-    the bandwidth of a plain read (benchmarks/gemv_split.py). Only plain nn.Linear weights large enough to stream
-    from memory take it: a wrapped module (PEFT LoRA, quantized) is called as itself.
+    the bandwidth of a plain read (benchmarks/gemv_split.py). Only a plain nn.Linear whose forward would do nothing
+    else takes it (no hooks, no replaced forward, weight beside x, no autocast); a wrapped module (PEFT LoRA,
+    quantized) is called as itself.
     """
-    threads, weight = torch.get_num_threads(), getattr(module, "weight", None)
-    rows = x.numel() // x.shape[-1]
-    if (
-        type(module) is not nn.Linear or x.device.type != "cpu" or x.dtype != torch.float32 or rows > 16
-        or threads < 2 or weight.numel() < 2**20 or weight.shape[0] % threads or not weight.is_contiguous()
-    ):
+    threads = torch.get_num_threads()
+    if not _splits(module, x, threads):
         return module(x)
+    weight, rows = module.weight, x.numel() // x.shape[-1]
     blocks = weight.view(threads, -1, weight.shape[1])  # (threads, out / threads, in)
     y = torch.bmm(blocks, x.reshape(1, rows, -1).transpose(1, 2).expand(threads, -1, -1))  # (threads, out/threads, rows)
     y = y.reshape(weight.shape[0], rows).t().reshape(*x.shape[:-1], weight.shape[0])
     return y if module.bias is None else y + module.bias
+
+
+def _splits(module, x, threads):
+    """Whether `linear` runs module(x) as a row-split batched product (see there)."""
+    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+        return False
+    weight, rows = module.weight, x.numel() // max(1, x.shape[-1])
+    return (
+        threads > 1 and 0 < rows <= 16 and x.device.type == "cpu" and x.dtype == torch.float32
+        and weight.device == x.device and weight.dtype == x.dtype and weight.is_contiguous()
+        and weight.numel() >= 2**20 and weight.shape[0] % threads == 0 and not torch.is_autocast_enabled("cpu")
+    )
 
 
 class TorchOps:

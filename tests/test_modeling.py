@@ -1,6 +1,7 @@
 """The model: config validation, flat-Mamba equivalence, causality, chunk rate, scan, HF conventions."""
 
 import random
+import threading
 
 import pytest
 import torch
@@ -235,6 +236,45 @@ def test_row_split_linear_equals_the_module(monkeypatch, shape, bias):
     finally:
         torch.set_num_threads(threads)
     assert not calls  # one thread: nothing to split
+
+
+def test_row_split_linear_leaves_hooked_modules_and_empty_inputs_to_the_module(monkeypatch):
+    module, seen = torch.nn.Linear(1024, 1024), []
+    module.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("a hooked module must run its own forward"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        linear(module, torch.randn(1, 1024))
+        monkeypatch.setattr(torch, "bmm", bmm)
+        assert linear(torch.nn.Linear(1024, 1024), torch.randn(0, 1024)).shape == (0, 1024)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(1, 1024)]
+
+
+def test_inference_mode_then_training_in_the_same_thread():
+    """The scan's workspace outlives a call: one made under torch.inference_mode must not make later ordinary
+    passes (training, no_grad) fail on an in-place update to an inference tensor."""
+    errors = []
+
+    def run():  # a fresh thread: a fresh workspace, first allocated under inference mode
+        try:
+            model = tiny_model()
+            ids = torch.randint(0, 64, (2, 24))
+            with torch.inference_mode():
+                model(ids)
+            with torch.no_grad():
+                model(ids)
+            model(ids, labels=ids).loss.backward()
+        except Exception as e:  # noqa: BLE001  (reported to the test's thread)
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not errors, errors
 
 
 # ---- transformers conventions ---------------------------------------------------------------------------
