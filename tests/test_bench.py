@@ -65,6 +65,26 @@ def test_quick_bench_writes_table_json_and_png(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_bench_compile_decode_adds_compiled_decode_columns_only(tmp_path):
+    """--compile-decode: decode rows for 'hmamba s=N compiled' (the same model with compile_decode on, on the same
+    weights); prefill rows stay without them. The CompileCounter backend stands in for inductor (no C++ build)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from hmamba.modeling_hmamba import HMambaPreTrainedModel
+
+    counter, compile_decode = CompileCounter(), HMambaPreTrainedModel.compile_decode
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HMambaPreTrainedModel, "compile_decode", lambda self: compile_decode(self, backend=counter))
+        result = run(out_dir=tmp_path, preset="quick", sections=("prefill", "decode"), chunk_sizes=(1,), lengths=(8,),
+                     batch_sizes=(1,), decode_tokens=(1, 3), compile_decode=True, log=lambda *a, **k: None)
+    torch._dynamo.reset()
+    cells = {(r["section"], r["model"]) for r in result["records"]}
+    assert ("decode", "hmamba s=1 compiled") in cells and ("prefill", "hmamba s=1 compiled") not in cells
+    assert counter.frame_count == 1
+    assert "hmamba s=1 compiled" in result["tables"]
+
+
 def test_bench_bad_input(tmp_path, capsys):
     assert main(["bench", "--quick", "--only", "prefill,nap", "--out-dir", str(tmp_path)]) == 2
     assert "hmamba bench: error: unknown section(s) ['nap']" in capsys.readouterr().err

@@ -172,6 +172,12 @@ def models_for(preset, chunk_sizes, device, dtype):
     return {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
 
 
+def compiled_decode_models(models, chunk_sizes):
+    """{'hmamba s=N compiled': model}: HMamba per chunk size again, on the anchor's weights (shared, not copied),
+    with `compile_decode` on; they join the decode rows only (prefill runs the same code as without it)."""
+    return {f"hmamba s={s} compiled": hmamba_from_anchor(models[ANCHOR], s).eval().compile_decode() for s in chunk_sizes}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # floors
 
@@ -266,7 +272,7 @@ def _generate(model, prompt, tokens):
 class Bench:
     def __init__(self, preset="quick", device="cpu", dtype="float32", sections=SECTIONS, chunk_sizes=None,
                  lengths=None, batch_sizes=None, decode_tokens=None, train_lengths=None, anchor_train_max=512,
-                 anchor_prefill_max=4096, repeat=None, log=print):
+                 anchor_prefill_max=4096, repeat=None, compile_decode=False, log=print):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
         unknown = set(sections) - set(SECTIONS)
@@ -284,6 +290,7 @@ class Bench:
         self.preset_name, self.p, self.sections, self.log = preset, p, tuple(sections), log
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.anchor_train_max, self.anchor_prefill_max = anchor_train_max, anchor_prefill_max
+        self.compile_decode = compile_decode
         self.records = []
 
     def _record(self, section, model, x, seconds, peak, **extra):
@@ -381,7 +388,8 @@ class Bench:
             if "prefill" in self.sections:
                 self.prefill(models)
             if "decode" in self.sections:
-                self.decode(models)
+                compiled = compiled_decode_models(models, p["chunk_sizes"]) if self.compile_decode else {}
+                self.decode({**models, **compiled})
             del models
         if "train" in self.sections:
             self.train()

@@ -78,6 +78,9 @@ def add_bench(sub):
                    help="longest T for the anchor's prefill, 4x slower than HMamba's (default: 4096)")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed rounds after a warm-up; each round runs every model once, in turn (default: preset)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="also decode with each chunk size's one-token step compiled by torch.compile (model."
+                   "compile_decode(); columns 'hmamba s=N compiled'; CPU needs a C++ compiler)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32)")
@@ -92,4 +95,5 @@ def _bench(args):
     run(out_dir=args.out_dir, preset=args.preset, device=args.device, dtype=args.dtype,
         sections=tuple(s for s in args.only.split(",") if s), chunk_sizes=args.chunk_sizes, lengths=args.lengths,
         batch_sizes=args.batch_sizes, decode_tokens=args.decode_tokens, train_lengths=args.train_lengths,
-        anchor_train_max=args.anchor_train_max, anchor_prefill_max=args.anchor_prefill_max, repeat=args.repeat)
+        anchor_train_max=args.anchor_train_max, anchor_prefill_max=args.anchor_prefill_max, repeat=args.repeat,
+        compile_decode=args.compile_decode)
