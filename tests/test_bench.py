@@ -76,13 +76,15 @@ def test_bench_compile_decode_adds_compiled_decode_columns_only(tmp_path):
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(HMambaPreTrainedModel, "compile_decode", lambda self: compile_decode(self, backend=counter))
-        result = run(out_dir=tmp_path, preset="quick", sections=("prefill", "decode"), chunk_sizes=(1,), lengths=(8,),
+        result = run(out_dir=tmp_path, preset="quick", sections=("prefill", "decode"), chunk_sizes=(1, 2), lengths=(8,),
                      batch_sizes=(1,), decode_tokens=(1, 3), compile_decode=True, log=lambda *a, **k: None)
     torch._dynamo.reset()
     cells = {(r["section"], r["model"]) for r in result["records"]}
     assert ("decode", "hmamba s=1 compiled") in cells and ("prefill", "hmamba s=1 compiled") not in cells
     assert counter.frame_count == 1
     assert "hmamba s=1 compiled" in result["tables"]
+    hierarchy = result["tables"].split("hierarchy:")[1].split("\n\n")[0]
+    assert "hmamba s=2" in hierarchy and "compiled" not in hierarchy  # the hierarchy table compares chunk sizes only
 
 
 def test_bench_bad_input(tmp_path, capsys):

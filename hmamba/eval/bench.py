@@ -460,7 +460,7 @@ def format_tables(result):
     table("training step (forward+backward): seconds, tokens/s (ratio to the anchor), backward+forward / forward",
           _cells(result, "train"), "T",
           lambda r: f"{r['seconds']:.3f} s, {r['tokens_per_s']:.0f} tok/s, fb/f {r['backward_over_forward']:.1f}")
-    chunked = [n for n in names if n.startswith("hmamba s=") and n != FLAT]
+    chunked = [n for n in names if n.startswith("hmamba s=") and n[len("hmamba s="):].isdigit() and n != FLAT]
     hierarchy = [(section, x, row) for section in ("prefill", "train") for x, row in _cells(result, section).items()
                  if FLAT in row and any(n in row for n in chunked)]
     if hierarchy:
