@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hmamba.cli import main
-from hmamba.eval.bench import PeakMemory, anchor_model, hmamba_from_anchor, matmul_flops, run
+from hmamba.eval.bench import PeakMemory, anchor_model, format_tables, hmamba_from_anchor, matmul_flops, run
 
 
 def test_hmamba_from_anchor_chunk_size_1_computes_the_anchor():
@@ -61,6 +61,7 @@ def test_quick_bench_writes_table_json_and_png(tmp_path):
     for title in ("prefill: tokens/s", "decode: latency", "decode memory", "training step", "floors:", "peak memory:"):
         assert title in tables
     assert "| 16 | " in tables and "x) |" in tables  # a length row with ratios against the anchor
+    assert format_tables(data) == tables  # bench.json read back renders the same tables
     assert any(line.startswith("summary:") for line in lines)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -423,7 +423,8 @@ def _cells(result, section, key="x"):
 
 def format_tables(result):
     """Markdown tables: per section, one row per length / batch size, one column per model; each cell shows the
-    measurement and its ratio to the anchor (throughput / anchor throughput, > 1 is faster)."""
+    measurement and its ratio to the anchor (throughput / anchor throughput, > 1 is faster). Works on run()'s
+    result and on bench.json read back."""
     names = list(dict.fromkeys(r["model"] for r in result["records"]))
     out = []
     floors = result.get("floors") or {}
@@ -449,10 +450,11 @@ def format_tables(result):
             out.append("| " + " | ".join(line) + " |")
 
     mem = lambda r: "" if r["peak_mib"] is None else f", {r['peak_mib']:.0f} MiB"  # noqa: E731
-    pre_floor = floors.get("prefill", {})
+    # lengths as strings, as in bench.json, so that a result read back from disk renders the same
+    pre_floor = {name: {str(t): s for t, s in by_t.items()} for name, by_t in floors.get("prefill", {}).items()}
     table("prefill: tokens/s (ratio to the anchor), peak memory", _cells(result, "prefill"), "T",
           lambda r: f"{r['tokens_per_s']:.0f} tok/s{mem(r)}",
-          ("matmul floor (anchor shapes)", lambda t: f"{t / pre_floor[ANCHOR][t]:.0f} tok/s")
+          ("matmul floor (anchor shapes)", lambda t: f"{t / pre_floor[ANCHOR][str(t)]:.0f} tok/s")
           if ANCHOR in pre_floor else None)
     dec_floor = floors.get("decode", {})
     table("decode: latency per step, tokens/s (ratio to the anchor)", _cells(result, "decode"), "batch",
