@@ -264,9 +264,27 @@ def _num_threads():
     return torch.get_num_threads()
 
 
+def _hooked(*modules):
+    """Whether a hook (a module's own or a global one) or a replaced forward (accelerate) sits on `modules` or below
+    them: code that bypasses a module's __call__ must not bypass those. `linear` then calls the module itself, and
+    compile_decode's one graph, which serves every block and does not guard on hooks, lets such a block step
+    eagerly. (A plain walk over _modules: 6 us per block and step, named_modules 9.)"""
+    hooks = nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return True
+    stack = list(modules)
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in vars(m):
+            return True
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return False
+
+
 def _splits(module, x, threads):
     """Whether `linear` runs module(x) as a row-split batched product (see there)."""
-    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+    if type(module) is not nn.Linear or _hooked(module):
         return False
     weight, rows = module.weight, x.numel() // max(1, x.shape[-1])
     return (
@@ -493,23 +511,6 @@ class HMambaMixer(nn.Module):
         """Whether every projection is a plain nn.Linear: the fused kernel reads x_proj, dt_proj and out_proj
         weights directly, so a wrapped one (PEFT LoRA, quantized) must run through its module instead."""
         return all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj))
-
-
-def _hooked(*modules):
-    """Whether a hook (a module's own or a global one) or a replaced forward (accelerate) sits on `modules` or below
-    them. compile_decode's one graph serves every block and does not guard on these, so such a block steps eagerly.
-    (A plain walk over _modules: 6 us per block and step, named_modules 9.)"""
-    hooks = nn.modules.module
-    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-            or hooks._global_backward_pre_hooks):
-        return True
-    stack = list(modules)
-    while stack:
-        m = stack.pop()
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in vars(m):
-            return True
-        stack.extend(child for child in m._modules.values() if child is not None)
-    return False
 
 
 class HMambaBlock(GradientCheckpointingLayer):
