@@ -101,9 +101,12 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     return F.silu(out) if activation in ("silu", "swish") else out
 
 
+LOG2E = math.log2(math.e)  # exp(x) = 2^(x log2 e): torch's exp2 runs 2-3x faster than its exp on CPU
+
+
 def _scan_block_size(batch, dim, state):
-    # time steps discretised at once: ~2M floats per (K, B, D, N) buffer keeps the working set in cache
-    return max(16, min(256, (1 << 21) // max(1, batch * dim * state)))
+    # time steps discretised at once: ~1M floats per (K, B, D, N) buffer keeps the working set in cache
+    return max(16, min(256, (1 << 20) // max(1, batch * dim * state)))
 
 
 _SCAN_WORKSPACE = threading.local()  # per thread, so that models running in threads never share buffers
@@ -129,7 +132,7 @@ def _block_states(u, delta, A, B, h, dA, hs):
     """Zero-order hold and recurrence over one block of K steps, into preallocated buffers dA, hs: (K, B, D, N)
     (`_scan_buffers`).
     u, delta: (K, B, D); A: (D, N); B: (K, B, N); h: (B, D, N), the state before the block. Returns dA, the states."""
-    torch.mul(delta[..., None], A, out=dA).exp_()
+    torch.mul(delta[..., None], A * LOG2E, out=dA).exp2_()  # exp(delta A)
     torch.mul((delta * u)[..., None], B[:, :, None, :], out=hs)  # delta B u, then the states in place
     for dA_t, h_t in zip(dA.unbind(0), hs.unbind(0)):  # views made in one call, not indexed per step
         h = h_t.addcmul_(dA_t, h)
@@ -229,7 +232,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    dA = (dt[..., None] * A.float()).exp_()  # (B, D, N)
+    dA = ((dt * LOG2E)[..., None] * A.float()).exp2_()  # exp(dt A), as in the scan  (B, D, N)
     state.mul_(dA).addcmul_((dt * x)[..., None], B.float()[:, None, :])
     y = torch.bmm(state, C.float()[..., None])[..., 0]
     if D is not None:
