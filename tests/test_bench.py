@@ -55,12 +55,16 @@ def test_quick_bench_writes_table_json_and_png(tmp_path):
     for m in models:
         assert {("prefill", m, 8), ("prefill", m, 16), ("decode", m, 1), ("decode", m, 2), ("train", m, 8),
                 ("decode_memory", m, 1), ("decode_memory", m, 3)} <= cells
+    # generate()'s prefill (cache, last-position logits): HMamba's chunk sizes only, compared in the hierarchy table
+    assert {(s, m) for s, m, _ in cells if s == "prefill_last"} == {("prefill_last", m) for m in models[1:]}
     assert set(data["floors"]["prefill"]) == set(models) and data["floors"]["gemm_flops_per_s"] > 0
     assert all(r["tokens_per_s"] > 0 for r in data["records"] if "tokens_per_s" in r)
     tables = result["tables"]
     for title in ("prefill: tokens/s", "decode: latency", "decode memory", "training step", "floors:", "peak memory:"):
         assert title in tables
     assert "| 16 | " in tables and "x) |" in tables  # a length row with ratios against the anchor
+    hierarchy = tables.split("hierarchy:")[1].split("\nfloors:")[0]
+    assert all(f"| {section} | {x} | " in hierarchy for section in ("prefill", "prefill, last logits") for x in (8, 16))
     assert format_tables(data) == tables  # bench.json read back renders the same tables
     assert any(line.startswith("summary:") for line in lines)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -304,18 +304,27 @@ class Bench:
         self.records.append(rec)
         mem = "" if peak is None else f", peak +{peak / 2**20:.1f} MiB"
         rate = f", {rec['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in rec else ""
-        self.log(f"  {section:8s} {model:20s} {x:>6}: {seconds:8.4f} s{rate}{mem}", flush=True)
+        self.log(f"  {section:12s} {model:20s} {x:>6}: {seconds:8.4f} s{rate}{mem}", flush=True)
 
     @torch.no_grad()
     def prefill(self, models):
+        """Logits at every position (section "prefill"); and, for HMamba's chunk sizes up to the anchor's longest
+        length, generate()'s prefill: the prompt into a fresh cache with the last position's logits only (section
+        "prefill_last", for the hierarchy table: the lm_head over every position costs the same at every chunk
+        size). Both in the same interleaved rounds."""
         self.log(f"prefill, batch 1, logits at every position (lengths {list(self.p['lengths'])}; the anchor only up "
-                 f"to T={self.anchor_prefill_max})", flush=True)
+                 f"to T={self.anchor_prefill_max}); HMamba also as generate()'s prefill (cache, last-position logits) "
+                 f"up to T={self.anchor_prefill_max}", flush=True)
         for length in self.p["lengths"]:
             ids = torch.randint(0, self.p["vocab"], (1, length), device=self.device)
-            fns = {name: (lambda m=model: m(ids)) if name == MAMBA_SSM else (lambda m=model: m(ids, use_cache=False))
+            fns = {("prefill", name): (lambda m=model: m(ids)) if name == MAMBA_SSM else
+                   (lambda m=model: m(ids, use_cache=False))
                    for name, model in models.items() if name != ANCHOR or length <= self.anchor_prefill_max}
-            for name, (seconds, peak) in _timed_rounds(fns, self.device, self.p["repeat"]).items():
-                self._record("prefill", name, length, seconds, peak, tokens_per_s=length / seconds)
+            if length <= self.anchor_prefill_max:
+                fns.update({("prefill_last", name): (lambda m=model: m(ids, use_cache=True, logits_to_keep=1))
+                            for name, model in models.items() if name.startswith("hmamba s=")})
+            for (section, name), (seconds, peak) in _timed_rounds(fns, self.device, self.p["repeat"]).items():
+                self._record(section, name, length, seconds, peak, tokens_per_s=length / seconds)
 
     @torch.no_grad()
     def decode(self, models):
@@ -468,10 +477,12 @@ def format_tables(result):
           _cells(result, "train"), "T",
           lambda r: f"{r['seconds']:.3f} s, {r['tokens_per_s']:.0f} tok/s, fb/f {r['backward_over_forward']:.1f}")
     chunked = [n for n in names if n.startswith("hmamba s=") and n[len("hmamba s="):].isdigit() and n != FLAT]
-    hierarchy = [(section, x, row) for section in ("prefill", "train") for x, row in _cells(result, section).items()
+    sections = {"prefill": "prefill", "prefill_last": "prefill, last logits", "train": "train"}
+    hierarchy = [(label, x, row) for section, label in sections.items() for x, row in _cells(result, section).items()
                  if FLAT in row and any(n in row for n in chunked)]
     if hierarchy:
-        out.append(f"\nhierarchy: time of each chunk size over {FLAT} (same depth, same weights)\n\n| section | T | "
+        out.append(f"\nhierarchy: time of each chunk size over {FLAT} (same depth, same weights; prefill: logits at "
+                   f"every position, prefill, last logits: generate()'s prefill)\n\n| section | T | "
                    + " | ".join(chunked) + " |\n|" + "---|" * (2 + len(chunked)))
         for section, x, row in hierarchy:
             out.append(f"| {section} | {x} | " + " | ".join(

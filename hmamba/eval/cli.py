@@ -75,7 +75,8 @@ def add_bench(sub):
     p.add_argument("--anchor-train-max", type=int, default=512,
                    help="longest T for the anchor's training step, whose backward is quadratic (default: 512)")
     p.add_argument("--anchor-prefill-max", type=int, default=4096,
-                   help="longest T for the anchor's prefill, 4x slower than HMamba's (default: 4096)")
+                   help="longest T for the anchor's prefill, 4x slower than HMamba's, and for HMamba's "
+                        "generate()-style prefill (last-position logits; default: 4096)")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed rounds after a warm-up; each round runs every model once, in turn (default: preset)")
     p.add_argument("--compile-decode", action="store_true",
