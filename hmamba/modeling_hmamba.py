@@ -483,7 +483,7 @@ class HMambaMixer(nn.Module):
             )
 
         # (B, d_inner, T) each, split token-major: backward joins their gradients along contiguous rows (a cat of
-        # channel-major views was 10x slower, 35 ms per 130m-sized layer at T=4096)
+        # channel-major views is several times slower; the training step took 0.94-0.97x of its time before)
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)  # padding leaves every state untouched
