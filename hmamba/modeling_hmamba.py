@@ -234,7 +234,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    dA = ((dt * LOG2E)[..., None] * A.float()).exp2_()  # exp(dt A), as in the scan  (B, D, N)
+    dA = ((dt * LOG2E)[..., None] * A.float()).exp2_()  # exp(dt A) through exp2, as the scan does  (B, D, N)
     state.mul_(dA).addcmul_((dt * x)[..., None], B.float()[:, None, :])
     y = torch.bmm(state, C.float()[..., None])[..., 0]
     if D is not None:
