@@ -128,11 +128,12 @@ def _scan_buffers(count, shape, like):
     return workspace[like.dtype][:numel].view(count, *shape)
 
 
-def _block_states(u, delta, A, B, h, dA, hs):
+def _block_states(u, delta, A2, B, h, dA, hs):
     """Zero-order hold and recurrence over one block of K steps, into preallocated buffers dA, hs: (K, B, D, N)
     (`_scan_buffers`).
-    u, delta: (K, B, D); A: (D, N); B: (K, B, N); h: (B, D, N), the state before the block. Returns dA, the states."""
-    torch.mul(delta[..., None], A * LOG2E, out=dA).exp2_()  # exp(delta A)
+    u, delta: (K, B, D); A2 = A log2(e): (D, N); B: (K, B, N); h: (B, D, N), the state before the block.
+    Returns dA, the states."""
+    torch.mul(delta[..., None], A2, out=dA).exp2_()  # exp(delta A)
     torch.mul((delta * u)[..., None], B[:, :, None, :], out=hs)  # delta B u, then the states in place
     for dA_t, h_t in zip(dA.unbind(0), hs.unbind(0)):  # views made in one call, not indexed per step
         h = h_t.addcmul_(dA_t, h)
@@ -154,12 +155,13 @@ class _SelectiveScan(torch.autograd.Function):
         block = _scan_block_size(batch, dim, A.shape[1])
         buffers = _scan_buffers(2, (block, batch, dim, A.shape[1]), u)
         y = u.new_empty(length, batch, dim)
+        A2 = A * LOG2E  # once per scan, for every block
         starts = []
         h = h0
         for s in range(0, length, block):
             e = min(s + block, length)
             starts.append(h.clone())  # h is the last block's final state, in a buffer this block overwrites
-            _, hs = _block_states(u[s:e], delta[s:e], A, B[s:e], starts[-1], *buffers[:, : e - s])
+            _, hs = _block_states(u[s:e], delta[s:e], A2, B[s:e], starts[-1], *buffers[:, : e - s])
             y[s:e] = torch.einsum("kbdn,kbn->kbd", hs, C[s:e])
             h = hs[-1]
         ctx.block = block
@@ -174,11 +176,12 @@ class _SelectiveScan(torch.autograd.Function):
         gu, gdelta, gB, gC = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(B), torch.empty_like(C)
         gA = torch.zeros_like(A)
         buffers = _scan_buffers(4, (block, *starts.shape[1:]), u)
+        A2 = A * LOG2E
         carry = gh_last  # dL/dh at the end of the current block, from everything after it
         for n, s in reversed(list(enumerate(range(0, length, block)))):
             e = min(s + block, length)
             dA_buf, hs_buf, lam_buf, g_buf = buffers[:, : e - s]
-            dA, hs = _block_states(u[s:e], delta[s:e], A, B[s:e], starts[n], dA_buf, hs_buf)
+            dA, hs = _block_states(u[s:e], delta[s:e], A2, B[s:e], starts[n], dA_buf, hs_buf)
             lam = torch.mul(gy[s:e, :, :, None], C[s:e, :, None, :], out=lam_buf)  # (K, B, D, N): dL/dh_t, direct
             lam[-1] += carry
             lams, dAs = lam.unbind(0), dA.unbind(0)
