@@ -2,12 +2,12 @@
 
 import pickle
 import random
-import shutil
 
 import pytest
 import torch
 
 from conftest import tiny_model
+from hmamba.eval.bench import has_cxx_compiler
 
 
 @pytest.mark.parametrize("chunk_size,pooling,split", [
@@ -241,8 +241,8 @@ def test_mixer_refuses_a_continuing_cache_without_its_states():
         model.backbone.low_layers[0].mixer(torch.randn(1, 1, 16), cache)
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
-                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler: none on PATH")
+@pytest.mark.skipif(not has_cxx_compiler(),
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler: none on PATH or in CXX")
 def test_compile_decode_with_inductor_equals_eager():
     """The real compiled kernels (inductor) give eager's logits at every generated token, through the H-stack's
     partial-batch path, and the same greedy tokens."""

@@ -209,6 +209,11 @@ def weight_bytes_per_token(model):
     return size(model.backbone.layers) + size(model.backbone.norm_f) + size(model.lm_head)
 
 
+def has_cxx_compiler():
+    """Whether torch.compile's inductor backend can build CPU kernels here (a C++ compiler on PATH or in CXX)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -292,8 +297,7 @@ class Bench:
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.anchor_train_max, self.anchor_prefill_max = anchor_train_max, anchor_prefill_max
         self.compile_decode = compile_decode
-        if compile_decode and self.device.type == "cpu" and not any(
-                shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
+        if compile_decode and self.device.type == "cpu" and not has_cxx_compiler():
             raise ValueError("--compile-decode on CPU needs a C++ compiler for torch.compile's inductor backend (g++, "
                              "clang++, or one named by CXX): install one, or run without --compile-decode")
         self.records = []
