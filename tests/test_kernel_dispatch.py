@@ -1,9 +1,11 @@
 """The one dispatch point `ops_for`: CUDA tensors get the mamba_ssm / causal_conv1d kernels per op (those that
 import), everything else the PyTorch path, and wrapped projections force the unfused path.
 
-No CUDA here, so the kernels are stand-ins with the kernels' exact signatures, installed as the modules the
-dispatch imports, that record their calls and compute with the PyTorch ops (mamba_inner as mamba_ssm's
-mamba_inner_ref does). The real kernels are compared in test_cuda_kernels.py."""
+No CUDA here, so stand-ins with the kernels' signatures are installed as the modules the dispatch imports; they
+record their calls. Two sets: mamba_ssm's and causal_conv1d's own reference functions (selective_scan_ref,
+mamba_inner_ref, ..., read from their installed sources: tests/mamba_ssm_refs.py), which check the dispatch's
+arguments against the real kernels' signatures and its results against an independent implementation; and stand-ins
+on the PyTorch ops, which need nothing installed. The real kernels are compared in test_cuda_kernels.py."""
 
 import sys
 import types
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
+from mamba_ssm_refs import MISSING, reference_kernels
 from hmamba import modeling_hmamba as modeling
 from hmamba.modeling_hmamba import TorchOps
 
@@ -26,8 +29,8 @@ class FlaggedCuda(torch.Tensor):
         return True
 
 
-def fake_kernel_modules(calls):
-    """Module name -> fake module, with the mamba_ssm / causal_conv1d signatures."""
+def pytorch_stand_ins(calls):
+    """{op: stand-in} with the mamba_ssm / causal_conv1d signatures, computing with the PyTorch ops."""
 
     def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                          final_states_out=None, activation=None):
@@ -51,7 +54,7 @@ def fake_kernel_modules(calls):
     def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                        out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
                        C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1):
-        calls["mamba_inner"] += 1  # mamba_ssm's mamba_inner_ref, on the PyTorch ops
+        calls["mamba_inner"] += 1  # as mamba_ssm's mamba_inner_ref, on the PyTorch ops
         rank, d_state = delta_proj_weight.shape[1], A.shape[-1]
         x, z = xz.chunk(2, dim=1)
         x = TorchOps.causal_conv1d(x, conv1d_weight.squeeze(1), conv1d_bias, "silu")
@@ -61,23 +64,36 @@ def fake_kernel_modules(calls):
         y = TorchOps.selective_scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
+    return dict(causal_conv1d=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update,
+                selective_scan=selective_scan_fn, selective_state_update=selective_state_update,
+                mamba_inner=mamba_inner_fn)
+
+
+def fake_kernel_modules(kernels):
+    """Module name -> fake module holding `kernels` ({op: function}) where the dispatch imports them from."""
     conv = types.ModuleType("causal_conv1d")
-    conv.causal_conv1d_fn, conv.causal_conv1d_update = causal_conv1d_fn, causal_conv1d_update
+    conv.causal_conv1d_fn, conv.causal_conv1d_update = kernels["causal_conv1d"], kernels["causal_conv1d_update"]
     interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
-    interface.selective_scan_fn, interface.mamba_inner_fn = selective_scan_fn, mamba_inner_fn
+    interface.selective_scan_fn, interface.mamba_inner_fn = kernels["selective_scan"], kernels["mamba_inner"]
     state_update = types.ModuleType("mamba_ssm.ops.triton.selective_state_update")
-    state_update.selective_state_update = selective_state_update
+    state_update.selective_state_update = kernels["selective_state_update"]
     return {"causal_conv1d": conv, "mamba_ssm": types.ModuleType("mamba_ssm"),
             "mamba_ssm.ops": types.ModuleType("mamba_ssm.ops"), "mamba_ssm.ops.selective_scan_interface": interface,
             "mamba_ssm.ops.triton": types.ModuleType("mamba_ssm.ops.triton"),
             "mamba_ssm.ops.triton.selective_state_update": state_update}
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Fake kernels importable, and every tensor routed as if on CUDA; yields the call counter."""
+STAND_INS = {"mamba_ssm references": reference_kernels, "pytorch stand-ins": pytorch_stand_ins}
+
+
+@pytest.fixture(params=list(STAND_INS))
+def kernels(request, monkeypatch):
+    """Stand-in kernels importable, and every tensor routed as if on CUDA; yields the call counter."""
     calls = Counter()
-    for name, module in fake_kernel_modules(calls).items():
+    stand_ins = STAND_INS[request.param](calls)
+    if stand_ins is None:
+        pytest.skip(MISSING)
+    for name, module in fake_kernel_modules(stand_ins).items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(modeling, "_KERNEL_OPS", {})
     monkeypatch.setattr(modeling, "ops_for", lambda tensor: modeling.kernel_ops())
@@ -99,8 +115,7 @@ def test_cpu_tensors_take_the_pytorch_path_without_importing_kernels(monkeypatch
 
 
 def test_cuda_tensors_get_each_kernel_that_imports(monkeypatch):
-    calls = Counter()
-    modules = fake_kernel_modules(calls)
+    modules = fake_kernel_modules(pytorch_stand_ins(Counter()))
     monkeypatch.setitem(sys.modules, "causal_conv1d", modules["causal_conv1d"])
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # as on a machine where mamba_ssm is missing
     monkeypatch.setattr(modeling, "_KERNEL_OPS", {})
@@ -112,19 +127,31 @@ def test_cuda_tensors_get_each_kernel_that_imports(monkeypatch):
     assert ops.mamba_inner is None
 
 
+def pytorch_path(fn):
+    """fn() with every tensor routed to the PyTorch ops, as on a machine without kernels."""
+    modeling.ops_for, saved = (lambda tensor: TorchOps), modeling.ops_for
+    try:
+        return fn()
+    finally:
+        modeling.ops_for = saved
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
 def test_plain_projections_take_the_fused_kernel(kernels):
     model = tiny_model(chunk_size=3)
     ids = torch.randint(2, 64, (2, 10))
-    with torch.no_grad():
-        expected = model(ids, use_cache=False).logits  # computed while routed to the fakes: compare with the PyTorch path below
+    logits, grads = loss_and_grads(model, ids)  # routed to the stand-ins: compared with the PyTorch path below
     assert kernels["mamba_inner"] == 5 and kernels["selective_scan"] == 0  # 5 layers, each fused
-    modeling.ops_for, saved = (lambda tensor: TorchOps), modeling.ops_for
-    try:
-        with torch.no_grad():
-            reference = model(ids, use_cache=False).logits
-    finally:
-        modeling.ops_for = saved
-    torch.testing.assert_close(expected, reference, atol=1e-5, rtol=1e-5)
+    ref_logits, ref_grads = pytorch_path(lambda: loss_and_grads(model, ids))
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_cached_prefill_and_decode_use_the_unfused_kernels(kernels):
@@ -157,9 +184,5 @@ def test_wrapped_projection_forces_the_unfused_path(kernels, target):
         lora = model(ids, use_cache=False).logits
     assert kernels["mamba_inner"] == 0 and kernels["selective_scan"] == 5
     assert not torch.allclose(lora, base, atol=1e-4)  # the adapter took effect
-    modeling.ops_for, saved = (lambda tensor: TorchOps), modeling.ops_for
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(lora, model(ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
-    finally:
-        modeling.ops_for = saved
+    with torch.no_grad():
+        torch.testing.assert_close(lora, pytorch_path(lambda: model(ids, use_cache=False).logits), atol=1e-5, rtol=1e-5)
