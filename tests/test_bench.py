@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hmamba.cli import main
-from hmamba.eval.bench import PeakMemory, anchor_model, format_tables, hmamba_from_anchor, matmul_flops, run
+from hmamba.eval.bench import (PeakMemory, anchor_model, format_tables, hmamba_from_anchor, matmul_flops, over_flat,
+                                run)
 
 
 def test_hmamba_from_anchor_chunk_size_1_computes_the_anchor():
@@ -59,6 +60,9 @@ def test_quick_bench_writes_table_json_and_png(tmp_path):
     assert {(s, m) for s, m, _ in cells if s == "prefill_last"} == {("prefill_last", m) for m in models[1:]}
     assert set(data["floors"]["prefill"]) == set(models) and data["floors"]["gemm_flops_per_s"] > 0
     assert all(r["tokens_per_s"] > 0 for r in data["records"] if "tokens_per_s" in r)
+    # every timed round kept, so that the hierarchy table can pair chunk sizes round by round
+    timed = [r for r in data["records"] if r["section"] in ("prefill", "prefill_last", "train")]
+    assert timed and all(len(r["round_seconds"]) == data["settings"]["repeat"] for r in timed)
     tables = result["tables"]
     for title in ("prefill: tokens/s", "decode: latency", "decode memory", "training step", "floors:", "peak memory:"):
         assert title in tables
@@ -105,3 +109,12 @@ def test_bench_bad_input(tmp_path, capsys):
     assert "two or more" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--lengths", "x"])
+
+
+def test_hierarchy_ratio_pairs_the_rounds():
+    """A machine that drifts between rounds: the per-round ratios cancel the drift, a ratio of medians does not."""
+    flat = dict(seconds=1.1, round_seconds=[1.0, 1.1, 2.0])
+    chunked = dict(seconds=1.3, round_seconds=[0.7, 1.4, 1.3])  # per round: 0.70, 1.27, 0.65
+    assert over_flat(chunked, flat) == pytest.approx(0.7)
+    old = dict(seconds=1.3)  # a bench.json from before the rounds were kept: the ratio of the medians
+    assert over_flat(old, flat) == pytest.approx(1.3 / 1.1)

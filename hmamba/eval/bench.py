@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def mamba_ssm_from_anchor(anchor):
                          rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=1)
     model = MambaLMHeadModel(config)
     state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in anchor.state_dict().items()}
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state)  # strict: every weight of the anchor, by the same names (embedding aside)
     return model
 
 
@@ -251,8 +252,9 @@ def copy_bandwidth(device, mib, repeat=5):
 
 
 def _timed_rounds(fns, device, repeat):
-    """{key: (median seconds, peak bytes of its last run)} for each function of `fns`: one warm-up each, then `repeat`
-    rounds that run every function once, in turn, so that a shared machine's drift hits all of them alike."""
+    """{key: (median seconds, peak bytes of its last run, seconds of each round)} for each function of `fns`: one
+    warm-up each, then `repeat` rounds that run every function once, in turn, so that a shared machine's drift hits
+    all of them alike (and a ratio of two functions can be taken per round)."""
     for fn in fns.values():
         fn()
     times, peaks = {k: [] for k in fns}, {}
@@ -265,7 +267,7 @@ def _timed_rounds(fns, device, repeat):
                 _sync(device)
                 times[key].append(time.perf_counter() - start)
             peaks[key] = mem.bytes
-    return {k: (sorted(t)[len(t) // 2], peaks[k]) for k, t in times.items()}
+    return {k: (statistics.median(t), peaks[k], t) for k, t in times.items()}
 
 
 def _generate(model, prompt, tokens):
@@ -327,8 +329,8 @@ class Bench:
             if length <= self.anchor_prefill_max:
                 fns.update({("prefill_last", name): (lambda m=model: m(ids, use_cache=True, logits_to_keep=1))
                             for name, model in models.items() if name.startswith("hmamba s=")})
-            for (section, name), (seconds, peak) in _timed_rounds(fns, self.device, self.p["repeat"]).items():
-                self._record(section, name, length, seconds, peak, tokens_per_s=length / seconds)
+            for (section, name), (seconds, peak, rounds) in _timed_rounds(fns, self.device, self.p["repeat"]).items():
+                self._record(section, name, length, seconds, peak, tokens_per_s=length / seconds, round_seconds=rounds)
 
     @torch.no_grad()
     def decode(self, models):
@@ -346,7 +348,7 @@ class Bench:
                 if step <= 0:  # timing noise swamped the difference: fall back to the (prefill-including) mean
                     step, method = runs[name, counts[-1]][0] / counts[-1], "mean including prefill (noisy difference)"
                 for n in ns:
-                    seconds, peak = runs[name, n]
+                    seconds, peak, _ = runs[name, n]
                     self.records.append(dict(section="decode_memory", model=name, x=n, batch=batch, seconds=seconds,
                                              peak_mib=None if peak is None else peak / 2**20))
                 self._record("decode", name, batch, step, runs[name, counts[-1]][1], latency_ms=1e3 * step,
@@ -373,8 +375,9 @@ class Bench:
             fns = {(n, part): (lambda m=models[n], f=f: f(m)) for n in names for part, f in (("f", forward), ("fb", step))}
             runs = _timed_rounds(fns, self.device, p["repeat"])
             for name in names:
-                (fwd, _), (seconds, peak) = runs[name, "f"], runs[name, "fb"]
+                (fwd, _, _), (seconds, peak, rounds) = runs[name, "f"], runs[name, "fb"]
                 self._record("train", name, length, seconds, peak, forward_s=fwd, tokens_per_s=length / seconds,
+                             round_seconds=rounds,
                              backward_over_forward=seconds / fwd)
 
     def floors(self, models):
@@ -434,6 +437,15 @@ def _cells(result, section, key="x"):
     return table
 
 
+def over_flat(record, flat):
+    """record's time over the flat model's: the median of the per-round ratios where both have them (each round runs
+    the two back to back, so a drifting machine cancels out), else the ratio of the medians (an older bench.json)."""
+    a, b = record.get("round_seconds"), flat.get("round_seconds")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return record["seconds"] / flat["seconds"]
+
+
 def format_tables(result):
     """Markdown tables: per section, one row per length / batch size, one column per model; each cell shows the
     measurement and its ratio to the anchor (throughput / anchor throughput, > 1 is faster). Works on run()'s
@@ -486,11 +498,12 @@ def format_tables(result):
                  if FLAT in row and any(n in row for n in chunked)]
     if hierarchy:
         out.append(f"\nhierarchy: time of each chunk size over {FLAT} (same depth, same weights; prefill: logits at "
-                   f"every position, prefill, last logits: generate()'s prefill)\n\n| section | T | "
+                   f"every position, prefill, last logits: generate()'s prefill; the median over rounds of each "
+                   f"round's ratio)\n\n| section | T | "
                    + " | ".join(chunked) + " |\n|" + "---|" * (2 + len(chunked)))
         for section, x, row in hierarchy:
             out.append(f"| {section} | {x} | " + " | ".join(
-                f"{row[n]['seconds'] / row[FLAT]['seconds']:.2f}x" if n in row else "-" for n in chunked) + " |")
+                f"{over_flat(row[n], row[FLAT]):.2f}x" if n in row else "-" for n in chunked) + " |")
     if floors:
         out.append(f"\nfloors: measured GEMM {floors['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
                    f"{floors['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write); decode bytes/token: " + ", ".join(
