@@ -158,7 +158,9 @@ def mamba_ssm_from_anchor(anchor):
                          rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=1)
     model = MambaLMHeadModel(config)
     state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in anchor.state_dict().items()}
-    model.load_state_dict(state)  # strict: every weight of the anchor, by the same names (embedding aside)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding in both
+        raise RuntimeError(f"anchor -> MambaLMHeadModel: missing {missing}, unexpected {unexpected}")
     return model
 
 
