@@ -118,3 +118,28 @@ def test_hierarchy_ratio_pairs_the_rounds():
     assert over_flat(chunked, flat) == pytest.approx(0.7)
     old = dict(seconds=1.3)  # a bench.json from before the rounds were kept: the ratio of the medians
     assert over_flat(old, flat) == pytest.approx(1.3 / 1.1)
+
+
+def test_timed_rounds_run_outside_the_memory_probe(monkeypatch):
+    """The probe trims the heap (malloc_trim), so the run after it pays page faults: timed runs must not follow it.
+    Each function: a warm-up, `repeat` timed runs in interleaved rounds, then one probed run for its peak."""
+    from hmamba.eval import bench
+
+    probing, calls = [False], []
+
+    class Probe:
+        def __init__(self, device):
+            self.bytes = 7
+
+        def __enter__(self):
+            probing[0] = True
+            return self
+
+        def __exit__(self, *exc):
+            probing[0] = False
+
+    monkeypatch.setattr(bench, "PeakMemory", Probe)
+    fns = {k: (lambda k=k: calls.append((k, probing[0]))) for k in ("a", "b")}
+    result = bench._timed_rounds(fns, torch.device("cpu"), repeat=3)
+    assert calls == [("a", False), ("b", False)] * 4 + [("a", True), ("b", True)]
+    assert all(peak == 7 and len(rounds) == 3 for _, peak, rounds in result.values())
