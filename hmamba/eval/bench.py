@@ -77,7 +77,7 @@ def memory_method(device):
     if _cpu_peak_supported():
         return ("CPU: rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the "
                 "resident set just before the call, after gc and malloc_trim; weights and earlier runs excluded; in a run of "
-                "its own after the timed rounds)")
+                "its own after the timed rounds")
     return "not measured (needs Linux /proc/self/clear_refs)"
 
 
