@@ -7,9 +7,7 @@ the exact signature of the kernel it replaces, parsed from the same file: a call
 keyword, too many positional arguments) is refused here too, and a kernel-only argument (checkpoint_lvl, ...) must
 keep its default, since the reference cannot honour it.
 
-Installed on CPU with (.ci/run does this; README 'CUDA kernels'):
-    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
-        pip install --no-build-isolation --no-deps mamba-ssm causal-conv1d einops
+Installed on CPU by scripts/install_mamba_ssm_cpu.sh (.ci/run runs it; README 'CUDA kernels').
 """
 
 import ast
@@ -30,10 +28,8 @@ SOURCES = {
                                "selective_state_update_ref"),
     "mamba_inner": ("mamba_ssm", "ops/selective_scan_interface.py", "mamba_inner_fn", "mamba_inner_ref"),
 }
-MISSING = ("mamba_ssm's / causal_conv1d's reference functions need their sources and einops installed (on CPU: "
-           "MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE "
-           "CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation --no-deps mamba-ssm causal-conv1d "
-           "einops, as .ci/run does)")
+MISSING = ("mamba_ssm's / causal_conv1d's reference functions need their sources and einops installed: run "
+           "`bash scripts/install_mamba_ssm_cpu.sh` (as .ci/run does)")
 
 
 def _source(package, filename):
