@@ -386,8 +386,7 @@ class Bench:
             for name in names:
                 (fwd, _, _), (seconds, peak, rounds) = runs[name, "f"], runs[name, "fb"]
                 self._record("train", name, length, seconds, peak, forward_s=fwd, tokens_per_s=length / seconds,
-                             round_seconds=rounds,
-                             backward_over_forward=seconds / fwd)
+                             round_seconds=rounds, backward_over_forward=seconds / fwd)
 
     def floors(self, models):
         gemm = gemm_rate(self.device, self.dtype)
