@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hmamba.cli import main
-from hmamba.eval.bench import (PeakMemory, anchor_model, format_tables, hmamba_from_anchor, matmul_flops, over_flat,
+from hmamba.eval.bench import (PeakMemory, anchor_model, format_tables, hmamba_from_anchor, matmul_flops, time_ratio,
                                 run)
 
 
@@ -60,8 +60,8 @@ def test_quick_bench_writes_table_json_and_png(tmp_path):
     assert {(s, m) for s, m, _ in cells if s == "prefill_last"} == {("prefill_last", m) for m in models[1:]}
     assert set(data["floors"]["prefill"]) == set(models) and data["floors"]["gemm_flops_per_s"] > 0
     assert all(r["tokens_per_s"] > 0 for r in data["records"] if "tokens_per_s" in r)
-    # every timed round kept, so that the hierarchy table can pair chunk sizes round by round
-    timed = [r for r in data["records"] if r["section"] in ("prefill", "prefill_last", "train")]
+    # every timed round kept (decode: each round's step latency), so that the tables can pair models round by round
+    timed = [r for r in data["records"] if r["section"] in ("prefill", "prefill_last", "decode", "train")]
     assert timed and all(len(r["round_seconds"]) == data["settings"]["repeat"] for r in timed)
     tables = result["tables"]
     for title in ("prefill: tokens/s", "decode: latency", "decode memory", "training step", "floors:", "peak memory:"):
@@ -115,9 +115,20 @@ def test_hierarchy_ratio_pairs_the_rounds():
     """A machine that drifts between rounds: the per-round ratios cancel the drift, a ratio of medians does not."""
     flat = dict(seconds=1.1, round_seconds=[1.0, 1.1, 2.0])
     chunked = dict(seconds=1.3, round_seconds=[0.7, 1.4, 1.3])  # per round: 0.70, 1.27, 0.65
-    assert over_flat(chunked, flat) == pytest.approx(0.7)
+    assert time_ratio(chunked, flat) == pytest.approx(0.7)
     old = dict(seconds=1.3)  # a bench.json from before the rounds were kept: the ratio of the medians
-    assert over_flat(old, flat) == pytest.approx(1.3 / 1.1)
+    assert time_ratio(old, flat) == pytest.approx(1.3 / 1.1)
+
+
+def test_speed_up_over_the_anchor_pairs_the_rounds():
+    """The tables' ratio to the anchor, as the hierarchy's: per round, then the median (here 2.0, 1.5, 2.5x: 2.0x;
+    the ratio of the medians would read 1.5x)."""
+    records = [dict(section="decode", model="transformers Mamba", x=1, seconds=0.06, latency_ms=60, tokens_per_s=1 / 0.06,
+                    round_seconds=[0.04, 0.06, 0.10]),
+               dict(section="decode", model="hmamba s=1", x=1, seconds=0.04, latency_ms=40, tokens_per_s=1 / 0.04,
+                    round_seconds=[0.02, 0.04, 0.04])]
+    tables = format_tables(dict(records=records, memory_method="none"))
+    assert "| 1 | 60.0 ms, 16.7 tok/s | 40.0 ms, 25.0 tok/s (2.00x) |" in tables
 
 
 def test_timed_rounds_run_outside_the_memory_probe(monkeypatch):

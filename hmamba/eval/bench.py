@@ -352,16 +352,19 @@ class Bench:
             fns = {(name, n): (lambda m=models[name], n=n: _generate(m, prompt, n)) for name in models for n in ns}
             runs = _timed_rounds(fns, self.device, self.p["repeat"])
             for name in models:
-                step = (runs[name, counts[-1]][0] - runs[name, counts[0]][0]) / (counts[-1] - counts[0])
+                (short, _, short_rounds), (long, _, long_rounds) = runs[name, counts[0]], runs[name, counts[-1]]
+                step = (long - short) / (counts[-1] - counts[0])
+                rounds = [(b - a) / (counts[-1] - counts[0]) for a, b in zip(short_rounds, long_rounds)]
                 method = "difference"
-                if step <= 0:  # timing noise swamped the difference: fall back to the (prefill-including) mean
-                    step, method = runs[name, counts[-1]][0] / counts[-1], "mean including prefill (noisy difference)"
+                if step <= 0 or min(rounds) <= 0:  # noise swamped the difference: the (prefill-including) mean
+                    step, method = long / counts[-1], "mean including prefill (noisy difference)"
+                    rounds = [t / counts[-1] for t in long_rounds]
                 for n in ns:
                     seconds, peak, _ = runs[name, n]
                     self.records.append(dict(section="decode_memory", model=name, x=n, batch=batch, seconds=seconds,
                                              peak_mib=None if peak is None else peak / 2**20))
                 self._record("decode", name, batch, step, runs[name, counts[-1]][1], latency_ms=1e3 * step,
-                             tokens_per_s=batch / step, latency_method=method)
+                             tokens_per_s=batch / step, latency_method=method, round_seconds=rounds)
 
     def train(self):
         p = self.p
@@ -445,19 +448,20 @@ def _cells(result, section, key="x"):
     return table
 
 
-def over_flat(record, flat):
-    """record's time over the flat model's: the median of the per-round ratios where both have them (each round runs
-    the two back to back, so a drifting machine cancels out), else the ratio of the medians (an older bench.json)."""
-    a, b = record.get("round_seconds"), flat.get("round_seconds")
+def time_ratio(record, reference):
+    """record's time over the reference's for the same work: the median of the per-round ratios where both have them
+    (each round runs the two back to back, so a drifting machine cancels out), else the ratio of the medians (an older
+    bench.json)."""
+    a, b = record.get("round_seconds"), reference.get("round_seconds")
     if a and b and len(a) == len(b):
         return statistics.median(x / y for x, y in zip(a, b))
-    return record["seconds"] / flat["seconds"]
+    return record["seconds"] / reference["seconds"]
 
 
 def format_tables(result):
     """Markdown tables: per section, one row per length / batch size, one column per model; each cell shows the
-    measurement and its ratio to the anchor (throughput / anchor throughput, > 1 is faster). Works on run()'s
-    result and on bench.json read back."""
+    measurement and its speed-up over the anchor (the anchor's time over its own for the same work, paired round by
+    round as `time_ratio` does; > 1 is faster). Works on run()'s result and on bench.json read back."""
     names = list(dict.fromkeys(r["model"] for r in result["records"]))
     out = []
     floors = result.get("floors") or {}
@@ -476,7 +480,8 @@ def format_tables(result):
                 if r is None:
                     line.append("-")
                     continue
-                ratio = f" ({r['tokens_per_s'] / anchor['tokens_per_s']:.2f}x)" if anchor and n != ANCHOR and "tokens_per_s" in r else ""
+                speed_up = anchor and n != ANCHOR and "tokens_per_s" in r
+                ratio = f" ({1 / time_ratio(r, anchor):.2f}x)" if speed_up else ""
                 line.append(cell(r) + ratio)
             if floor:
                 line.append(floor[1](x))
@@ -511,7 +516,7 @@ def format_tables(result):
                    + " | ".join(chunked) + " |\n|" + "---|" * (2 + len(chunked)))
         for section, x, row in hierarchy:
             out.append(f"| {section} | {x} | " + " | ".join(
-                f"{over_flat(row[n], row[FLAT]):.2f}x" if n in row else "-" for n in chunked) + " |")
+                f"{time_ratio(row[n], row[FLAT]):.2f}x" if n in row else "-" for n in chunked) + " |")
     if floors:
         out.append(f"\nfloors: measured GEMM {floors['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s, copy bandwidth "
                    f"{floors['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write); decode bytes/token: " + ", ".join(
