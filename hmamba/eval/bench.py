@@ -344,8 +344,9 @@ class Bench:
     @torch.no_grad()
     def decode(self, models):
         counts = sorted(self.p["decode_tokens"])
+        span = counts[-1] - counts[0]  # tokens between the two generate() lengths
         self.log(f"decode, greedy generate() after a {self.p['prompt']}-token prompt; latency = "
-                 f"(time for {counts[-1]} tokens - time for {counts[0]}) / {counts[-1] - counts[0]}", flush=True)
+                 f"(time for {counts[-1]} tokens - time for {counts[0]}) / {span}", flush=True)
         for batch in self.p["batch_sizes"]:
             prompt = torch.randint(0, self.p["vocab"], (batch, self.p["prompt"]), device=self.device)
             ns = counts if batch == 1 else (counts[0], counts[-1])
@@ -353,8 +354,8 @@ class Bench:
             runs = _timed_rounds(fns, self.device, self.p["repeat"])
             for name in models:
                 (short, _, short_rounds), (long, _, long_rounds) = runs[name, counts[0]], runs[name, counts[-1]]
-                step = (long - short) / (counts[-1] - counts[0])
-                rounds = [(b - a) / (counts[-1] - counts[0]) for a, b in zip(short_rounds, long_rounds)]
+                step = (long - short) / span
+                rounds = [(b - a) / span for a, b in zip(short_rounds, long_rounds)]
                 method = "difference"
                 if step <= 0 or min(rounds) <= 0:  # noise swamped the difference: the (prefill-including) mean
                     step, method = long / counts[-1], "mean including prefill (noisy difference)"
@@ -480,8 +481,8 @@ def format_tables(result):
                 if r is None:
                     line.append("-")
                     continue
-                speed_up = anchor and n != ANCHOR and "tokens_per_s" in r
-                ratio = f" ({1 / time_ratio(r, anchor):.2f}x)" if speed_up else ""
+                against_anchor = anchor and n != ANCHOR and "tokens_per_s" in r
+                ratio = f" ({1 / time_ratio(r, anchor):.2f}x)" if against_anchor else ""
                 line.append(cell(r) + ratio)
             if floor:
                 line.append(floor[1](x))
