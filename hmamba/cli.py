@@ -4,6 +4,19 @@ import argparse
 import sys
 
 
+def device_arg(text):
+    """argparse type of --device: a torch device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({e}); e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch sees no CUDA device; use cpu")
+    return text
+
+
 def _add_generate(sub):
     p = sub.add_parser(
         "generate",
@@ -13,7 +26,9 @@ def _add_generate(sub):
         "AutoModelForCausalLM, generates, and prints its held-out perplexity next to an untrained model's.",
     )
     p.add_argument("--model", default=None, help="saved model folder or Hub id (default: the shipped KJV model)")
-    p.add_argument("--save-dir", default=None, help="where to save the shipped model (default: a temp dir)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
+    p.add_argument("--save-dir", default=None,
+                   help="where to save the shipped model (default: a temporary folder, removed at the end)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for a left-padded batch (default: 'In the beginning')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
@@ -22,7 +37,7 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling cut-off (with --do-sample)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32)")
     p.set_defaults(func=_generate)
@@ -33,6 +48,7 @@ def _generate(args):
 
     run(
         model_path=args.model,
+        tokenizer=args.tokenizer,
         prompts=args.prompt or ["In the beginning"],
         save_dir=args.save_dir,
         max_new_tokens=args.max_new_tokens,
@@ -47,7 +63,10 @@ def _generate(args):
 
 
 def build_parser():
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hmamba", description="Hierarchical Mamba language models for transformers.")
+    parser.add_argument("--version", action="version", version=f"hmamba {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     from .conversion.cli import add_convert, add_export
@@ -70,7 +89,7 @@ def main(argv=None):
     args.argv = argv  # the command line, recorded in what it makes (train_results.json, model cards)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing or unreadable files, an unreachable Hub
         print(f"hmamba {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,13 +10,33 @@ from transformers import PretrainedConfig
 POOLING_MODES = ("last", "mean")
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+# the rule each field must meet, checked whenever it is set: at construction, from_pretrained(..., field=value),
+# config.field = value
+FIELD_RULES = {
+    **{name: (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+       for name in ("vocab_size", "hidden_size", "state_size", "expand", "conv_kernel", "chunk_size")},
+    "time_step_rank": (lambda v: _is_int(v) and v >= 1, 'an integer >= 1 (or "auto" when constructing: hidden_size / 16)'),
+    **{name: (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+       for name in ("num_low_layers", "num_high_layers", "num_out_layers")},
+    **{name: (_is_positive, "a number > 0")
+       for name in ("time_step_min", "time_step_max", "time_step_floor", "layer_norm_epsilon")},
+    "pooling": (lambda v: v in POOLING_MODES, f"one of {POOLING_MODES}"),
+    "time_step_init_scheme": (lambda v: v in ("random", "constant"), 'one of ("random", "constant")'),
+    "hidden_act": (lambda v: v in ("silu", "swish"), '"silu" (the Mamba activation)'),
+}
+
+
 def _check(name, value, ok, allowed):
     if not ok:
         raise ValueError(f"HMambaConfig.{name}={value!r} is invalid: {name} must be {allowed}.")
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class HMambaConfig(PretrainedConfig):
@@ -75,54 +95,15 @@ class HMambaConfig(PretrainedConfig):
         eos_token_id=0,
         **kwargs,
     ):
-        for name, value in [
-            ("vocab_size", vocab_size),
-            ("hidden_size", hidden_size),
-            ("state_size", state_size),
-            ("expand", expand),
-            ("conv_kernel", conv_kernel),
-            ("chunk_size", chunk_size),
-        ]:
-            _check(name, value, _is_int(value) and value >= 1, "an integer >= 1")
-        for name, value in [
-            ("num_low_layers", num_low_layers),
-            ("num_high_layers", num_high_layers),
-            ("num_out_layers", num_out_layers),
-        ]:
-            _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
-        total = num_low_layers + num_high_layers + num_out_layers
-        _check("num_low_layers + num_high_layers + num_out_layers", total, total >= 1, ">= 1 (the model needs a layer)")
-        _check(
-            "num_low_layers + num_high_layers",
-            num_low_layers + num_high_layers,
-            num_low_layers + num_high_layers >= 1,
-            ">= 1 (the hierarchy needs an L or H layer; a flat Mamba is num_low_layers=N with chunk_size=1)",
-        )
-        _check("pooling", pooling, pooling in POOLING_MODES, f"one of {POOLING_MODES}")
-        _check(
-            "time_step_rank",
-            time_step_rank,
-            time_step_rank == "auto" or (_is_int(time_step_rank) and time_step_rank >= 1),
-            '"auto" or an integer >= 1',
-        )
-        _check(
-            "time_step_init_scheme",
-            time_step_init_scheme,
-            time_step_init_scheme in ("random", "constant"),
-            'one of ("random", "constant")',
-        )
-        _check("time_step_min", time_step_min, 0 < time_step_min <= time_step_max, f"in (0, time_step_max={time_step_max}]")
-        _check("time_step_floor", time_step_floor, time_step_floor > 0, "> 0")
-        _check("layer_norm_epsilon", layer_norm_epsilon, layer_norm_epsilon > 0, "> 0")
-        _check("hidden_act", hidden_act, hidden_act in ("silu", "swish"), '"silu" (the Mamba activation)')
-
+        if time_step_rank == "auto":
+            time_step_rank = math.ceil(hidden_size / 16) if _is_int(hidden_size) else hidden_size
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.state_size = state_size
         self.expand = expand
         self.intermediate_size = int(expand * hidden_size)
         self.conv_kernel = conv_kernel
-        self.time_step_rank = math.ceil(hidden_size / 16) if time_step_rank == "auto" else time_step_rank
+        self.time_step_rank = time_step_rank
         self.time_step_scale = time_step_scale
         self.time_step_min = time_step_min
         self.time_step_max = time_step_max
@@ -142,6 +123,7 @@ class HMambaConfig(PretrainedConfig):
         self.pooling = pooling
         self.use_cache = use_cache
         kwargs.pop("intermediate_size", None)  # derived from expand * hidden_size
+        self.check()
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             pad_token_id=pad_token_id,
@@ -149,6 +131,26 @@ class HMambaConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
+
+    def __setattr__(self, key, value):
+        if key in FIELD_RULES:
+            ok, allowed = FIELD_RULES[key]
+            _check(key, value, ok(value), allowed)
+        super().__setattr__(key, value)
+
+    def check(self):
+        """Raise ValueError where fields contradict each other (each field alone is checked when it is set). Runs at
+        construction and again when a model is built, for fields changed in between."""
+        total = self.num_low_layers + self.num_high_layers + self.num_out_layers
+        _check("num_low_layers + num_high_layers + num_out_layers", total, total >= 1, ">= 1 (the model needs a layer)")
+        _check(
+            "num_low_layers + num_high_layers",
+            self.num_low_layers + self.num_high_layers,
+            self.num_low_layers + self.num_high_layers >= 1,
+            ">= 1 (the hierarchy needs an L or H layer; a flat Mamba is num_low_layers=N with chunk_size=1)",
+        )
+        _check("time_step_min", self.time_step_min, self.time_step_min <= self.time_step_max,
+               f"<= time_step_max={self.time_step_max}")
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -171,6 +173,15 @@ class HMambaConfig(PretrainedConfig):
     def num_hidden_layers(self):
         """All Mamba blocks: L-stack, H-stack and out layers."""
         return self.num_low_layers + self.num_high_layers + self.num_out_layers
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value):
+        if value != self.num_hidden_layers:
+            raise ValueError(
+                f"HMambaConfig.num_hidden_layers={value!r}: it is num_low_layers + num_high_layers + num_out_layers "
+                f"({self.num_low_layers} + {self.num_high_layers} + {self.num_out_layers} here); set those instead, "
+                "e.g. num_low_layers=2, num_high_layers=2."
+            )
 
 
 __all__ = ["HMambaConfig"]

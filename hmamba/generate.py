@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .configuration_hmamba import HMambaConfig
 from .data import embedded_corpus, kjv_text, pack, split_blocks
 from .eval.perplexity import block_perplexity
+from .hub import HUB_ID
 from .modeling_hmamba import HMambaForCausalLM
 
 DEFAULT_CONFIG = "tiny"
@@ -65,10 +66,24 @@ def held_out_blocks(tokenizer, block_size=256, max_blocks=16):
     return f"out-of-domain text, the end of Shakespeare's works ({max_blocks} blocks; `apt-get install bible-kjv` for the KJV held-out split)", blocks[:max_blocks]
 
 
-def load(model_path, device="cpu", dtype="float32"):
-    """Model and tokenizer from a folder or Hub id, through the Auto classes."""
+def load_tokenizer(name):
+    """AutoTokenizer.from_pretrained(name), or a ValueError that says what to pass instead."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # a folder without one, an offline Hub, not a tokenizer: all end the same way for the user
+        raise ValueError(
+            f"cannot load a tokenizer from {name} ({type(e).__name__}: {e}). Pass --tokenizer with a folder saved by "
+            "tokenizer.save_pretrained (or a Hub id where the Hub is reachable), or save the tokenizer into the "
+            "model's folder."
+        ) from e
+
+
+def load(model_path, device="cpu", dtype="float32", tokenizer=None):
+    """Model and tokenizer (default: the model's) from folders or Hub ids, through the Auto classes."""
+    if not os.path.isdir(model_path) and not HUB_ID.match(str(model_path)):
+        raise FileNotFoundError(f"{model_path}: no such model folder (nor a Hub id such as user/name)")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(tokenizer or model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the last column
@@ -99,15 +114,18 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=64, do_sample=False,
 
 def run(model_path=None, prompts=("In the beginning",), save_dir=None, **generate_kwargs):
     """`hmamba generate`: with no model, save the shipped KJV model, load it back through AutoModelForCausalLM
-    (trust_remote_code), generate with it and print its held-out perplexity next to an untrained model's."""
+    (trust_remote_code), generate with it and print its held-out perplexity next to an untrained model's. Without
+    save_dir the folder is a temporary one, removed at the end."""
     shipped = model_path is None
+    if shipped and save_dir is None:
+        with tempfile.TemporaryDirectory(prefix=f"hmamba-{PRETRAINED}-") as tmp:
+            return run(model_path, prompts, tmp, **generate_kwargs)
     if shipped:
-        save_dir = save_dir or tempfile.mkdtemp(prefix=f"hmamba-{PRETRAINED}-")
         files = save_shipped_model(save_dir)
         print(f"saved the shipped HMamba ({PRETRAINED}, trained on the King James Bible) to {save_dir}: {', '.join(files)}")
         model_path = save_dir
     device, dtype = generate_kwargs.pop("device", "cpu"), generate_kwargs.pop("dtype", "float32")
-    model, tokenizer = load(model_path, device=device, dtype=dtype)
+    model, tokenizer = load(model_path, device=device, dtype=dtype, tokenizer=generate_kwargs.pop("tokenizer", None))
     c = model.config
     print(
         f"loaded {type(model).__name__} from {model_path}: {model.num_parameters():,} parameters, "

@@ -21,12 +21,12 @@ import torch
 
 from .atomic import atomic_write
 from .configuration_hmamba import HMambaConfig
-from .modeling_hmamba import TRANSFORMERS_REQUIREMENT, HMambaForCausalLM
+from .modeling_hmamba import AUTO_MAP, TRANSFORMERS_REQUIREMENT, HMambaForCausalLM
 
 CODE_FILES = ("modeling_hmamba.py", "configuration_hmamba.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either is enough to load the tokenizer
-AUTO_MAP = {"AutoConfig": "configuration_hmamba.HMambaConfig",
-            "AutoModelForCausalLM": "modeling_hmamba.HMambaForCausalLM"}
+# what a folder needs to load from the Hub (AutoModel, added by newer saves, is optional)
+REQUIRED_AUTO_MAP = {k: AUTO_MAP[k] for k in ("AutoConfig", "AutoModelForCausalLM")}
 TAGS = ["hmamba", "mamba", "ssm", "hierarchical", "custom_code"]
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -156,8 +156,8 @@ def check_hub_folder(folder):
         config = json.loads((folder / "config.json").read_text())
         if config.get("model_type") != "hmamba":
             problems.append(f"an HMamba config.json (it has model_type={config.get('model_type')!r})")
-        elif {k: v for k, v in (config.get("auto_map") or {}).items() if k in AUTO_MAP} != AUTO_MAP:
-            problems.append(f"auto_map {AUTO_MAP} in config.json (import hmamba before save_pretrained)")
+        elif {k: v for k, v in (config.get("auto_map") or {}).items() if k in REQUIRED_AUTO_MAP} != REQUIRED_AUTO_MAP:
+            problems.append(f"auto_map {REQUIRED_AUTO_MAP} in config.json (import hmamba before save_pretrained)")
     if not {"model.safetensors", "model.safetensors.index.json"} & set(files):
         problems.append("safetensors weights (model.safetensors; model.save_pretrained writes it)")
     problems += [f"{name} (import hmamba before save_pretrained)" for name in CODE_FILES if name not in files]

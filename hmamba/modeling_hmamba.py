@@ -22,8 +22,8 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -379,6 +379,11 @@ class HMambaCache:
     Every tensor is allocated once, so its memory does not grow with the number of generated tokens.
     """
 
+    # what generate() reads from a cache passed in: HMamba compiles its step itself (compile_decode), and its state is
+    # recurrent (5.24: no slicing of the input by past length; prepare_inputs_for_generation does that)
+    is_compileable = False
+    is_linear = (True,)
+
     def __init__(self, config, batch_size, dtype=torch.float32, device=None):
         layers, dim = config.num_hidden_layers, config.intermediate_size
         self.chunk_size = config.chunk_size
@@ -624,31 +629,39 @@ class Chunking:
 
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
 STRUCTURE = ("num_low_layers", "num_high_layers", "num_out_layers", "chunk_size", "pooling")
+AUTO_MAP = {  # config.json's auto_map of a saved model with remote code: every Auto class HMamba registers with
+    "AutoConfig": "configuration_hmamba.HMambaConfig",
+    "AutoModel": "modeling_hmamba.HMambaModel",
+    "AutoModelForCausalLM": "modeling_hmamba.HMambaForCausalLM",
+}
 
 
 @contextmanager
 def atomic_dir(out, replace=True):
     """Yield an empty temporary folder beside OUT; only when the block completes does its content move into OUT,
-    so an error or interrupt mid-write leaves OUT as it was (and no temporary folder behind).
+    so an error or interrupt mid-write leaves OUT as it was (and no temporary folder behind). A symlink OUT is
+    followed: its target is written, the link stays.
 
-    replace=True: OUT becomes exactly the new folder (one rename; a previous OUT is swapped out, then deleted).
+    replace=True: OUT becomes exactly the new folder (one rename; a previous OUT, folder or file, is swapped out,
+    then deleted).
     replace=False: each new file is renamed into OUT (each rename atomic); OUT's other files stay, except weight
-    files of a previous save that the new one does not overwrite (as save_pretrained cleans stale shards).
+    files of a previous save that the new one does not overwrite (as save_pretrained cleans stale shards). OUT
+    must not be a file.
     """
-    out = os.path.abspath(os.fspath(out))
+    out = os.path.realpath(os.fspath(out))
+    if not replace and os.path.isfile(out):
+        raise FileExistsError(f"{out} is a file, not a folder: save into a folder (another path, or remove the file)")
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)  # mode 0777 less the umask, as any folder the user makes (mkdtemp's would be private, 0700)
     try:
         yield tmp
         if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
             if os.path.isdir(out):
                 os.rmdir(out)
             os.replace(tmp, out)
-        elif replace or not os.path.isdir(out):  # a previous OUT (folder or file) is swapped out, then deleted
+        elif replace:
             old = f"{tmp}.old"
             os.replace(out, old)
             os.replace(tmp, out)
@@ -715,9 +728,16 @@ class HMambaPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, written to a temporary folder and renamed into SAVE_DIRECTORY when
-        complete (`atomic_dir`, replace=False: other files there, e.g. a tokenizer, stay)."""
+        complete (`atomic_dir`, replace=False: other files there, e.g. a tokenizer, stay). A rank that does not save
+        (is_main_process=False, or not rank 0) runs transformers' save_pretrained in place: it writes nothing, but
+        takes part in gathering sharded weights. A model with remote code maps every Auto class to its class in
+        config.json's auto_map, so the folder loads as AutoModel too where hmamba is not installed."""
+        if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         with atomic_dir(save_directory, replace=False) as tmp:
             return super().save_pretrained(tmp, *args, **kwargs)
 
@@ -823,7 +843,10 @@ class HMambaPreTrainedModel(PreTrainedModel):
 class HMambaModel(HMambaPreTrainedModel):
     """The HMamba backbone: embeddings, L-stack, down, H-stack, up, out layers, norm_f."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]  # the untied head of a saved HMambaForCausalLM
+
     def __init__(self, config):
+        config.check()  # fields set after the config was made (config.x = ..., from_pretrained overrides)
         super().__init__(config)
         nl, nh, no = config.num_low_layers, config.num_high_layers, config.num_out_layers
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -873,7 +896,7 @@ class HMambaModel(HMambaPreTrainedModel):
             x = torch.cat([h[-1] for h in steps], dim=1)
             hidden = tuple(torch.cat(layer, dim=1) for layer in zip(*steps)) if output_hidden_states else None
         else:
-            hidden = self._sequence(x, cache, attention_mask, output_hidden_states)
+            hidden = tuple(self._sequence(x, cache, attention_mask, output_hidden_states))
             x = hidden[-1]
             if cache is not None:
                 cache.has_previous_state = True
@@ -935,6 +958,12 @@ class HMambaModel(HMambaPreTrainedModel):
                 raise ValueError(
                     "attention_mask must hold only 0 (padding) and 1 (real token); got other values. HMamba has no "
                     "soft masks: pass the tokenizer's 0/1 mask."
+                )
+            if stepping and not bool(attention_mask[:, -shape[1]:].all()):
+                raise ValueError(
+                    "attention_mask marks padding among the new tokens, but a cache continues every row with real "
+                    "tokens only (padding belongs at the left of the prompt): drop those positions, or run the "
+                    "whole sequence without the cache."
                 )
 
     def _sequence(self, x, cache, attention_mask, output_hidden_states=False):
@@ -1040,11 +1069,19 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls):
         return False  # the model builds its own HMambaCache (see its docstring)
 
-    def prepare_inputs_for_generation(self, input_ids, use_cache=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, use_cache=None, attention_mask=None, **kwargs
+    ):  # inputs_embeds is named: generate(inputs_embeds=...) is refused for a model whose signature lacks it
+        cache = kwargs.get("cache", kwargs.get("cache_params"))  # 5.24's name, 5.23's
+        if cache is not None and cache.has_previous_state and kwargs.get("is_first_iteration"):
+            # generate() continuing from a cache it returned gets the whole sequence back (generate()'s own slicing
+            # looks at past_key_values only): feed just the tokens the cache has not seen
+            seen = cache.get_seq_length()  # the columns seen: the longest row of a left-padded batch has no padding
+            if kwargs.get("next_sequence_length") is None and input_ids.shape[1] > seen:
+                kwargs["next_sequence_length"] = input_ids.shape[1] - seen
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, use_cache=use_cache, attention_mask=attention_mask, **kwargs
+            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, attention_mask=attention_mask, **kwargs
         )
-        cache = model_inputs.get("cache", model_inputs.get("cache_params"))  # 5.24's name, 5.23's
         if use_cache and cache is not None and cache.has_previous_state:
             model_inputs["attention_mask"] = None  # new tokens are all real; positions live in the cache
         return model_inputs

@@ -9,19 +9,20 @@ Works unchanged under `accelerate launch` (DDP), with gradient checkpointing, bf
 freezing and PEFT LoRA adapters.
 """
 
+import inspect
 import math
 import os
 import shutil
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .atomic import atomic_write_json
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, pack, split_blocks
-from .generate import builtin_config
+from .generate import builtin_config, load_tokenizer
 from .hub import check_repo_id, write_model_card
 from .hub import push_to_hub as upload
 from .modeling_hmamba import HMambaForCausalLM
@@ -156,11 +157,17 @@ def build_model(model=None, config="tiny", config_overrides=None, tokenizer=None
     if model is not None:
         if config_overrides:
             raise ValueError("config overrides apply to a new model; a pretrained one keeps its own config")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        tokenizer = load_tokenizer(tokenizer or model)
         return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True, dtype=dtype), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else default_tokenizer()
+    tokenizer = load_tokenizer(tokenizer) if tokenizer else default_tokenizer()
     cfg = builtin_config(config) if not str(config).endswith(".json") else HMambaConfig.from_json_file(config)
     overrides = dict(config_overrides or {})
+    from_tokenizer = {"vocab_size", "pad_token_id", "eos_token_id", "bos_token_id"}
+    for key in overrides:
+        if key in from_tokenizer or key not in cfg.to_dict():
+            follows = " (it follows the tokenizer: pass --tokenizer)" if key in from_tokenizer else ""
+            own = [k for k in inspect.signature(HMambaConfig).parameters if k not in from_tokenizer | {"kwargs"}]
+            raise ValueError(f"--set {key}: not a config field a new model takes{follows}; HMamba's are {', '.join(own)}")
     overrides.update(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -54,6 +54,27 @@ def test_greedy_generate_same_with_and_without_cache(chunk_size):
     assert torch.equal(cached, uncached)
 
 
+def test_generate_from_inputs_embeds_equals_input_ids():
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (2, 7))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  pad_token_id=0)
+    from_ids = model.generate(ids, **kwargs)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **kwargs)  # the new tokens only
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+
+
+def test_generate_continues_from_the_cache_it_returned():
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (1, 5))
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    whole = model.generate(ids, max_new_tokens=14, min_new_tokens=14, **kwargs)
+    first = model.generate(ids, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True, **kwargs)
+    rest = model.generate(first.sequences, cache_params=first.past_key_values, max_new_tokens=7, min_new_tokens=7,
+                          **kwargs)
+    assert torch.equal(rest, whole)
+
+
 def test_cache_size_is_constant():
     model = tiny_model(chunk_size=4, pooling="mean")
     ids = torch.randint(2, 64, (1, 5))

@@ -87,6 +87,7 @@ def test_model_push_to_hub_uploads_a_loadable_repo(hub):
     assert set(files) == SAVED_FILES | {"README.md"}
     config = json.loads((hub.repos["me/tiny"] / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_hmamba.HMambaConfig",
+                                  "AutoModel": "modeling_hmamba.HMambaModel",
                                   "AutoModelForCausalLM": "modeling_hmamba.HMambaForCausalLM"}
     assert (hub.repos["me/tiny"] / "modeling_hmamba.py").read_text() == (PACKAGE / "modeling_hmamba.py").read_text()
 

@@ -34,6 +34,26 @@ def test_config_needs_a_layer():
         tiny_config(num_low_layers=0, num_high_layers=0, num_out_layers=0)
 
 
+def test_config_fields_are_checked_whenever_they_are_set(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="chunk_size=0 is invalid"):
+        AutoConfig.from_pretrained(tmp_path, chunk_size=0)  # from_pretrained's overrides are set after __init__
+    config = AutoConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pooling='max' is invalid"):
+        config.pooling = "max"
+    config.num_low_layers = config.num_high_layers = 0  # each valid alone; together no L or H layer is left
+    with pytest.raises(ValueError, match="needs an L or H layer"):
+        HMambaForCausalLM(config)
+
+
+def test_num_hidden_layers_is_derived_from_the_stacks():
+    config = tiny_config(num_low_layers=2, num_high_layers=1, num_out_layers=1)
+    assert config.num_hidden_layers == 4
+    assert tiny_config(num_low_layers=2, num_high_layers=2, num_out_layers=0, num_hidden_layers=4).num_hidden_layers == 4
+    with pytest.raises(ValueError, match="num_hidden_layers=3: it is num_low_layers \\+ num_high_layers"):
+        AutoConfig.for_model("hmamba", num_low_layers=2, num_high_layers=2, num_hidden_layers=3)
+
+
 def test_config_round_trip(tmp_path):
     config = tiny_config(chunk_size=5, pooling="mean", time_step_rank="auto")
     config.save_pretrained(tmp_path)

@@ -110,6 +110,10 @@ def test_continuing_with_a_full_length_attention_mask_works(model):
         first = model(ids[:, :6], use_cache=True)
         rest = model(ids[:, 6:], cache_params=first.cache_params, attention_mask=torch.ones_like(ids), use_cache=True)
     torch.testing.assert_close(rest.logits, full[:, 6:], atol=1e-4, rtol=0)
+    mask = torch.ones_like(ids)
+    mask[1, 7] = 0  # padding among the new tokens: the step path would ignore it
+    with pytest.raises(ValueError, match="padding among the new tokens"):
+        model(ids[:, 6:], cache_params=first.cache_params, attention_mask=mask, use_cache=True)
 
 
 # ---- bad configs ---------------------------------------------------------------------------------------------
@@ -242,6 +246,31 @@ def test_interrupted_save_pretrained_leaves_the_previous_checkpoint(saved, monke
     ids = torch.randint(0, 64, (1, 5))
     assert torch.equal(HMambaForCausalLM.from_pretrained(folder)(ids).logits, new(ids).logits)
     assert oct(folder.stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's private one
+
+
+def test_save_pretrained_on_a_rank_that_does_not_save_leaves_the_folder_alone(saved):
+    model, folder = saved  # rank 0 saved it; every rank calls save_pretrained (accelerate's pattern)
+    before = files_of(folder)
+    tiny_model(seed=1, chunk_size=3).save_pretrained(folder, is_main_process=False)
+    assert files_of(folder) == before
+    assert sorted(os.listdir(folder.parent)) == ["model"]
+
+
+def test_save_pretrained_refuses_a_file_and_writes_through_a_symlink(tmp_path):
+    model = tiny_model(chunk_size=3)
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(FileExistsError, match="afile is a file, not a folder"):
+        model.save_pretrained(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    model.save_pretrained(tmp_path / "link")  # an empty folder behind a link
+    assert (tmp_path / "link").is_symlink() and "model.safetensors" in os.listdir(tmp_path / "target")
+    with atomic_output_dir(tmp_path / "link", overwrite=True) as tmp:  # convert/export --overwrite onto the link
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink() and os.listdir(tmp_path / "target") == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["afile", "link", "target"]  # no temporary folder left behind
 
 
 def test_interrupted_export_leaves_the_previous_output(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,31 @@ def test_cli_train(tmp_path, corpus, capsys):
     assert cli_main(["train", str(tmp_path / "bad"), "--data", str(tmp_path / "missing.txt")]) == 2
 
 
+def test_cli_errors_are_one_line_messages(tmp_path, capsys):
+    def error(argv):
+        code = cli_main(argv)
+        return code, capsys.readouterr().err
+
+    tiny_model().save_pretrained(tmp_path / "no-tokenizer")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()  # the save's progress bar
+    assert error(["generate", "--model", str(tmp_path / "nope")]) == (
+        2, f"hmamba generate: error: {tmp_path / 'nope'}: no such model folder (nor a Hub id such as user/name)\n")
+    code, err = error(["generate", "--model", str(tmp_path / "no-tokenizer")])
+    assert code == 2 and "cannot load a tokenizer from" in err and "Pass --tokenizer" in err
+    code, err = error(["generate", "--model", str(tmp_path / "empty")])  # transformers' OSError: no config.json
+    assert code == 2 and err.startswith("hmamba generate: error:") and "config.json" in err
+    code, err = error(["train", str(tmp_path / "run"), "--set", "chunksize=4"])
+    assert code == 2 and "--set chunksize: not a config field" in err and "chunk_size" in err
+    bad_devices = [("foo", "is not a torch device")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA")])
+    for device, needle in bad_devices:
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["generate", "--device", device])
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
+    version = subprocess.run([sys.executable, "-m", "hmamba", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("hmamba 0.")
+
+
 # ---- the shipped model and the main command -----------------------------------------------------------------
 
 
@@ -287,7 +313,11 @@ def test_shipped_model_is_small_hierarchical_trained_and_reproducible():
     assert trained_ppl < untrained_ppl / 10, (description, trained_ppl, untrained_ppl)
 
 
-def test_main_command_generates_with_the_shipped_model(tmp_path, capsys):
+def test_main_command_generates_with_the_shipped_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert cli_main(["generate", "--max-new-tokens", "2"]) == 0
+    assert os.listdir(tmp_path / "tmp") == []  # the default save folder is removed at the end
     assert cli_main(["generate", "--save-dir", str(tmp_path / "m"), "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
     assert "--- 'In the beginning' ->" in out and "held-out perplexity on" in out

@@ -19,6 +19,7 @@ import torch
 
 from ..atomic import atomic_output_dir
 from ..configuration_hmamba import HMambaConfig
+from ..generate import load_tokenizer
 from ..hub import HUB_ID, write_model_card
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
@@ -232,7 +233,7 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         chunk_size=chunk_size, pooling=pooling,
     )
     target = DTYPES[dtype] if dtype else embedding.dtype
-    tokenizer = _load_tokenizer(tokenizer) if tokenizer is not None else None
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     command = ["hmamba", "convert", str(src), Path(out).name, "--low-layers", str(low_layers), "--out-layers",
                str(out_layers), "--chunk-size", str(chunk_size), "--pooling", pooling]
     command += ["--dtype", dtype] if dtype else []
@@ -261,18 +262,6 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         pooling=pooling, dtype=str(target).replace("torch.", ""), files=files,
     )
     return summary
-
-
-def _load_tokenizer(name):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # missing folder, offline Hub, not a tokenizer: all end the same way for the user
-        raise CheckpointError(
-            f"--tokenizer {name}: cannot load a tokenizer from it ({type(e).__name__}: {e}). Give a folder saved with "
-            "tokenizer.save_pretrained, or a Hub id where the Hub is reachable."
-        ) from e
 
 
 def save_hmamba(config, state, folder, torch_dtype=torch.float32):

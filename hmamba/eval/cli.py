@@ -1,5 +1,6 @@
 """argparse front ends of `hmamba eval` and `hmamba bench`."""
 
+from ..cli import device_arg
 from .harness import HUB_TASKS, OFFLINE_TAG
 
 
@@ -12,11 +13,12 @@ def add_eval(sub):
         "and/or the exact and sliding-window perplexity of a text file.",
     )
     p.add_argument("model", help="HMamba checkpoint folder (or Hub id when online)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (e.g. {OFFLINE_TAG})")
     p.add_argument("--model-type", default="hmamba", choices=["hmamba", "hf"],
                    help="lm-eval model: hmamba (HMambaLM) or hf (stock HFLM, trust_remote_code) (default: hmamba)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32)")
     p.add_argument("--limit", type=float, default=None,
@@ -38,7 +40,7 @@ def _eval(args):
     except ValueError:
         raise ValueError(f"--stride {args.stride!r}: expected integers separated by commas, e.g. 256,512") from None
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    run(args.model, tasks=args.tasks, text=args.text, model_type=args.model_type, batch_size=args.batch_size,
+    run(args.model, tasks=args.tasks, text=args.text, tokenizer=args.tokenizer, model_type=args.model_type, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, limit=limit, num_fewshot=args.num_fewshot,
         max_length=args.max_length, strides=strides, output=args.output)
 
@@ -82,7 +84,7 @@ def add_bench(sub):
     p.add_argument("--compile-decode", action="store_true",
                    help="also decode with each chunk size's one-token step compiled by torch.compile (model."
                    "compile_decode(); columns 'hmamba s=N compiled'; CPU needs a C++ compiler)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32)")
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go (default: "

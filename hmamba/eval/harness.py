@@ -75,7 +75,7 @@ def evaluate(model, tasks, model_type="hmamba", batch_size=1, device="cpu", dtyp
 
 
 def run(model, tasks=None, text=None, model_type="hmamba", batch_size=1, device="cpu", dtype="float32", limit=None,
-        num_fewshot=None, max_length=1024, strides=(512,), output=None):
+        num_fewshot=None, max_length=1024, strides=(512,), output=None, tokenizer=None):
     """`hmamba eval`: lm-eval tasks and/or the perplexity of a text file; prints tables, writes
     {"model", "lm_eval", "perplexity"} as JSON (atomically) to `output`, returns the same dict."""
     if tasks is None and text is None:
@@ -85,13 +85,14 @@ def run(model, tasks=None, text=None, model_type="hmamba", batch_size=1, device=
     report = {"model": str(model), "lm_eval": None, "perplexity": None}
     if tasks is not None:
         report["lm_eval"] = evaluate(model, tasks, model_type=model_type, batch_size=batch_size, device=device,
-                                     dtype=dtype, limit=limit, num_fewshot=num_fewshot)
+                                     dtype=dtype, limit=limit, num_fewshot=num_fewshot,
+                                     model_args=dict(tokenizer=tokenizer) if tokenizer else None)
         print(format_results(report["lm_eval"]), flush=True)
     if text is not None:
         from ..generate import load
         from .perplexity import format_perplexity_table, text_perplexity
 
-        lm, tokenizer = load(model, device=device, dtype=dtype)
+        lm, tokenizer = load(model, device=device, dtype=dtype, tokenizer=tokenizer)
         content = Path(text).read_text(encoding="utf-8")
         report["perplexity"] = dict(file=str(text), max_length=max_length, rows=text_perplexity(
             lm, tokenizer, content, max_length=max_length, strides=strides))

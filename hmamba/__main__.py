@@ -1,0 +1,7 @@
+"""`python -m hmamba` runs the `hmamba` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
