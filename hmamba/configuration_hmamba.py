@@ -101,7 +101,6 @@ class HMambaConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.state_size = state_size
         self.expand = expand
-        self.intermediate_size = int(expand * hidden_size)
         self.conv_kernel = conv_kernel
         self.time_step_rank = time_step_rank
         self.time_step_scale = time_step_scale
@@ -168,6 +167,11 @@ class HMambaConfig(PretrainedConfig):
                 f"not {cls.model_type!r}: it is not an HMamba config.{hint}"
             )
         return config_dict, kwargs
+
+    @property
+    def intermediate_size(self):
+        """The mixer's inner width, expand * hidden_size (derived, so it follows both)."""
+        return self.expand * self.hidden_size
 
     @property
     def num_hidden_layers(self):

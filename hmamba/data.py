@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from transformers import ByT5Tokenizer
+from transformers import AutoTokenizer, ByT5Tokenizer
 
 EMBEDDED_CORPUS = "shakespeare"
 KJV_RANGE = "gen1:1-rev22:21"
@@ -16,6 +16,17 @@ KJV_RANGE = "gen1:1-rev22:21"
 def default_tokenizer():
     """A byte-level tokenizer that needs no download: 256 bytes + pad, eos, unk (259 ids)."""
     return ByT5Tokenizer(extra_ids=0)
+
+
+def load_tokenizer(name):
+    """AutoTokenizer.from_pretrained(name), or a ValueError that says what to pass instead."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # a folder without one, an offline Hub, not a tokenizer: all end the same way for the user
+        raise ValueError(
+            f"cannot load a tokenizer from {name} ({type(e).__name__}: {e}). Pass --tokenizer with a folder saved by "
+            "tokenizer.save_pretrained (or a Hub id where the Hub is reachable)."
+        ) from e
 
 
 def embedded_corpus():

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_hmamba import HMambaConfig
-from .data import embedded_corpus, kjv_text, pack, split_blocks
+from .data import embedded_corpus, kjv_text, load_tokenizer, pack, split_blocks
 from .eval.perplexity import block_perplexity
 from .hub import HUB_ID
 from .modeling_hmamba import HMambaForCausalLM
@@ -66,21 +66,10 @@ def held_out_blocks(tokenizer, block_size=256, max_blocks=16):
     return f"out-of-domain text, the end of Shakespeare's works ({max_blocks} blocks; `apt-get install bible-kjv` for the KJV held-out split)", blocks[:max_blocks]
 
 
-def load_tokenizer(name):
-    """AutoTokenizer.from_pretrained(name), or a ValueError that says what to pass instead."""
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # a folder without one, an offline Hub, not a tokenizer: all end the same way for the user
-        raise ValueError(
-            f"cannot load a tokenizer from {name} ({type(e).__name__}: {e}). Pass --tokenizer with a folder saved by "
-            "tokenizer.save_pretrained (or a Hub id where the Hub is reachable), or save the tokenizer into the "
-            "model's folder."
-        ) from e
-
-
 def load(model_path, device="cpu", dtype="float32", tokenizer=None):
     """Model and tokenizer (default: the model's) from folders or Hub ids, through the Auto classes."""
-    if not os.path.isdir(model_path) and not HUB_ID.match(str(model_path)):
+    looks_local = str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") > 1
+    if not os.path.isdir(model_path) and (looks_local or not HUB_ID.match(str(model_path))):
         raise FileNotFoundError(f"{model_path}: no such model folder (nor a Hub id such as user/name)")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), trust_remote_code=True)
     tokenizer = load_tokenizer(tokenizer or model_path)

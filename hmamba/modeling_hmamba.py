@@ -379,10 +379,12 @@ class HMambaCache:
     Every tensor is allocated once, so its memory does not grow with the number of generated tokens.
     """
 
-    # what generate() reads from a cache passed in: HMamba compiles its step itself (compile_decode), and its state is
-    # recurrent (5.24: no slicing of the input by past length; prepare_inputs_for_generation does that)
+    # what generate() reads from a cache passed in: HMamba compiles its step itself (compile_decode), its state is
+    # recurrent (5.24: no slicing of the input by past length; prepare_inputs_for_generation does that), and it cannot
+    # be cut back to fewer tokens (5.23 on MPS)
     is_compileable = False
     is_linear = (True,)
+    is_croppable = False
 
     def __init__(self, config, batch_size, dtype=torch.float32, device=None):
         layers, dim = config.num_hidden_layers, config.intermediate_size
@@ -392,6 +394,7 @@ class HMambaCache:
         self.pool = torch.zeros(batch_size, config.hidden_size, dtype=torch.float32, device=device)  # sum over chunk
         self.update = torch.zeros(batch_size, config.hidden_size, dtype=torch.float32, device=device)  # last H update
         self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens seen per row
+        self.length = 0  # columns seen, padding included: what generate() compares a continued input with
         self.A = [None] * layers  # -exp(A_log) per layer, computed at a layer's first step and reused
         self.has_previous_state = False
 
@@ -431,7 +434,7 @@ class HMambaCache:
         self.pool, self.update, self.position = (t.index_select(0, beam_idx.to(t.device)) for t in self.tensors()[2:])
 
     def get_seq_length(self, layer_idx=0):
-        return int(self.position.max()) if self.has_previous_state else 0
+        return self.length
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -726,20 +729,20 @@ class HMambaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process=True, *args, **kwargs):
         """transformers' save_pretrained, written to a temporary folder and renamed into SAVE_DIRECTORY when
         complete (`atomic_dir`, replace=False: other files there, e.g. a tokenizer, stay). A rank that does not save
         (is_main_process=False, or not rank 0) runs transformers' save_pretrained in place: it writes nothing, but
         takes part in gathering sharded weights. A model with remote code maps every Auto class to its class in
         config.json's auto_map, so the folder loads as AutoModel too where hmamba is not installed."""
-        if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
-            return super().save_pretrained(save_directory, *args, **kwargs)
+        if not self.should_save_on_this_rank(is_main_process):
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
         if self._auto_class is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         with atomic_dir(save_directory, replace=False) as tmp:
-            return super().save_pretrained(tmp, *args, **kwargs)
+            return super().save_pretrained(tmp, is_main_process, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -900,6 +903,7 @@ class HMambaModel(HMambaPreTrainedModel):
             x = hidden[-1]
             if cache is not None:
                 cache.has_previous_state = True
+                cache.length = x.shape[1]
 
         if not output_hidden_states:
             hidden = None
@@ -1042,6 +1046,7 @@ class HMambaModel(HMambaPreTrainedModel):
             x = x + (cache.update if self.config.residual_in_fp32 else cache.update.to(x.dtype))[:, None]
             hidden.extend([x] * len(self.high_layers))
         cache.position += 1
+        cache.length += 1
 
         for block in self.out_layers:
             x = block(x, cache)
@@ -1074,17 +1079,30 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
     ):  # inputs_embeds is named: generate(inputs_embeds=...) is refused for a model whose signature lacks it
         cache = kwargs.get("cache", kwargs.get("cache_params"))  # 5.24's name, 5.23's
         if cache is not None and cache.has_previous_state and kwargs.get("is_first_iteration"):
-            # generate() continuing from a cache it returned gets the whole sequence back (generate()'s own slicing
-            # looks at past_key_values only): feed just the tokens the cache has not seen
-            seen = cache.get_seq_length()  # the columns seen: the longest row of a left-padded batch has no padding
-            if kwargs.get("next_sequence_length") is None and input_ids.shape[1] > seen:
-                kwargs["next_sequence_length"] = input_ids.shape[1] - seen
+            self._continue(cache, input_ids if inputs_embeds is None else inputs_embeds, attention_mask, kwargs)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, attention_mask=attention_mask, **kwargs
         )
         if use_cache and cache is not None and cache.has_previous_state:
             model_inputs["attention_mask"] = None  # new tokens are all real; positions live in the cache
         return model_inputs
+
+    @staticmethod
+    def _continue(cache, inputs, attention_mask, kwargs):
+        """generate() continuing from a cache: as transformers' rule for KV caches, an input as long as its mask (or
+        without one) is the whole sequence, of which only the columns the cache has not seen are fed (generate()'s
+        own slicing skips recurrent caches); a mask longer than the input means the input holds only new tokens."""
+        if kwargs.get("next_sequence_length") is not None:
+            return
+        length = inputs.shape[1]
+        if attention_mask is None or attention_mask.shape[1] == length:
+            if length <= cache.length:
+                raise ValueError(
+                    f"the cache has seen {cache.length} tokens and the input has {length}: nothing new to feed. Pass "
+                    "the whole sequence (as generate() returned it), or only the new tokens with an attention_mask "
+                    "covering the whole sequence."
+                )
+            kwargs["next_sequence_length"] = length - cache.length
 
     def forward(
         self,

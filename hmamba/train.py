@@ -21,8 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .atomic import atomic_write_json
 from .configuration_hmamba import HMambaConfig
-from .data import default_tokenizer, load_documents, pack, split_blocks
-from .generate import builtin_config, load_tokenizer
+from .data import default_tokenizer, load_documents, load_tokenizer, pack, split_blocks
+from .generate import builtin_config
 from .hub import check_repo_id, write_model_card
 from .hub import push_to_hub as upload
 from .modeling_hmamba import HMambaForCausalLM
@@ -163,10 +163,10 @@ def build_model(model=None, config="tiny", config_overrides=None, tokenizer=None
     cfg = builtin_config(config) if not str(config).endswith(".json") else HMambaConfig.from_json_file(config)
     overrides = dict(config_overrides or {})
     from_tokenizer = {"vocab_size", "pad_token_id", "eos_token_id", "bos_token_id"}
+    own = [k for k in inspect.signature(HMambaConfig).parameters if k not in from_tokenizer | {"kwargs"}]
     for key in overrides:
-        if key in from_tokenizer or key not in cfg.to_dict():
+        if key not in own:
             follows = " (it follows the tokenizer: pass --tokenizer)" if key in from_tokenizer else ""
-            own = [k for k in inspect.signature(HMambaConfig).parameters if k not in from_tokenizer | {"kwargs"}]
             raise ValueError(f"--set {key}: not a config field a new model takes{follows}; HMamba's are {', '.join(own)}")
     overrides.update(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -66,13 +66,34 @@ def test_generate_from_inputs_embeds_equals_input_ids():
 
 def test_generate_continues_from_the_cache_it_returned():
     model = tiny_model(chunk_size=3)
-    ids = torch.randint(2, 64, (1, 5))
-    kwargs = dict(do_sample=False, pad_token_id=0)
-    whole = model.generate(ids, max_new_tokens=14, min_new_tokens=14, **kwargs)
-    first = model.generate(ids, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True, **kwargs)
-    rest = model.generate(first.sequences, cache_params=first.past_key_values, max_new_tokens=7, min_new_tokens=7,
+    ids = torch.randint(2, 64, (2, 6))
+    ids[:, 0], ids[1, 1] = 0, 0  # left padding in every row (pad_to_multiple_of): columns seen > real tokens
+    mask = (ids != 0).long()
+    kwargs = dict(do_sample=False, pad_token_id=0, min_new_tokens=7, max_new_tokens=7, output_scores=True,
+                  return_dict_in_generate=True)
+    whole = model.generate(ids, attention_mask=mask, **{**kwargs, "min_new_tokens": 14, "max_new_tokens": 14})
+
+    def first_half():
+        return model.generate(ids, attention_mask=mask, **kwargs)
+
+    def full_mask(out):
+        return torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], dim=1)
+
+    first = first_half()  # continued with the whole sequence, as generate() returned it
+    rest = model.generate(first.sequences, attention_mask=full_mask(first), cache_params=first.past_key_values,
                           **kwargs)
-    assert torch.equal(rest, whole)
+    assert torch.equal(rest.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(rest.scores), torch.stack(whole.scores[7:]), atol=1e-5, rtol=0)
+
+    first = first_half()  # continued with only the token the cache has not seen, and a mask for the whole sequence
+    rest = model.generate(first.sequences[:, -1:], attention_mask=full_mask(first),
+                          cache_params=first.past_key_values, **kwargs)
+    assert torch.equal(rest.sequences[:, 1:], whole.sequences[:, -7:])
+    torch.testing.assert_close(torch.stack(rest.scores), torch.stack(whole.scores[7:]), atol=1e-5, rtol=0)
+
+    prefilled = model(ids, attention_mask=mask, use_cache=True).cache  # has seen every token of ids
+    with pytest.raises(ValueError, match="the cache has seen 6 tokens and the input has 6: nothing new"):
+        model.generate(ids, attention_mask=mask, cache_params=prefilled, max_new_tokens=2)
 
 
 def test_cache_size_is_constant():

@@ -46,9 +46,11 @@ def test_config_fields_are_checked_whenever_they_are_set(tmp_path):
         HMambaForCausalLM(config)
 
 
-def test_num_hidden_layers_is_derived_from_the_stacks():
+def test_num_hidden_layers_and_intermediate_size_are_derived():
     config = tiny_config(num_low_layers=2, num_high_layers=1, num_out_layers=1)
     assert config.num_hidden_layers == 4
+    config.hidden_size = 24
+    assert config.intermediate_size == 48 and HMambaForCausalLM(config).backbone.low_layers[0].mixer.D.shape == (48,)
     assert tiny_config(num_low_layers=2, num_high_layers=2, num_out_layers=0, num_hidden_layers=4).num_hidden_layers == 4
     with pytest.raises(ValueError, match="num_hidden_layers=3: it is num_low_layers \\+ num_high_layers"):
         AutoConfig.for_model("hmamba", num_low_layers=2, num_high_layers=2, num_hidden_layers=3)

@@ -252,6 +252,7 @@ def test_save_pretrained_on_a_rank_that_does_not_save_leaves_the_folder_alone(sa
     model, folder = saved  # rank 0 saved it; every rank calls save_pretrained (accelerate's pattern)
     before = files_of(folder)
     tiny_model(seed=1, chunk_size=3).save_pretrained(folder, is_main_process=False)
+    tiny_model(seed=1, chunk_size=3).save_pretrained(folder, False)  # transformers' positional order
     assert files_of(folder) == before
     assert sorted(os.listdir(folder.parent)) == ["model"]
 

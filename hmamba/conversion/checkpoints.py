@@ -19,7 +19,7 @@ import torch
 
 from ..atomic import atomic_output_dir
 from ..configuration_hmamba import HMambaConfig
-from ..generate import load_tokenizer
+from ..data import load_tokenizer
 from ..hub import HUB_ID, write_model_card
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
@@ -233,7 +233,11 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         chunk_size=chunk_size, pooling=pooling,
     )
     target = DTYPES[dtype] if dtype else embedding.dtype
-    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if tokenizer is not None:
+        try:
+            tokenizer = load_tokenizer(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
     command = ["hmamba", "convert", str(src), Path(out).name, "--low-layers", str(low_layers), "--out-layers",
                str(out_layers), "--chunk-size", str(chunk_size), "--pooling", pooling]
     command += ["--dtype", dtype] if dtype else []
