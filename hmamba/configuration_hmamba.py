@@ -18,14 +18,17 @@ def _is_positive(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+def _int_at_least(low):
+    return lambda value: _is_int(value) and value >= low
+
+
 # the rule each field must meet, checked whenever it is set: at construction, from_pretrained(..., field=value),
 # config.field = value
 FIELD_RULES = {
-    **{name: (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    **{name: (_int_at_least(1), "an integer >= 1")
        for name in ("vocab_size", "hidden_size", "state_size", "expand", "conv_kernel", "chunk_size")},
-    "time_step_rank": (lambda v: _is_int(v) and v >= 1, 'an integer >= 1 (or "auto" when constructing: hidden_size / 16)'),
-    **{name: (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-       for name in ("num_low_layers", "num_high_layers", "num_out_layers")},
+    "time_step_rank": (_int_at_least(1), 'an integer >= 1 (or "auto" when constructing: hidden_size / 16)'),
+    **{name: (_int_at_least(0), "an integer >= 0") for name in ("num_low_layers", "num_high_layers", "num_out_layers")},
     **{name: (_is_positive, "a number > 0")
        for name in ("time_step_min", "time_step_max", "time_step_floor", "layer_norm_epsilon")},
     "pooling": (lambda v: v in POOLING_MODES, f"one of {POOLING_MODES}"),
@@ -95,14 +98,12 @@ class HMambaConfig(PretrainedConfig):
         eos_token_id=0,
         **kwargs,
     ):
-        if time_step_rank == "auto":
-            time_step_rank = math.ceil(hidden_size / 16) if _is_int(hidden_size) else hidden_size
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.state_size = state_size
         self.expand = expand
         self.conv_kernel = conv_kernel
-        self.time_step_rank = time_step_rank
+        self.time_step_rank = math.ceil(hidden_size / 16) if time_step_rank == "auto" else time_step_rank
         self.time_step_scale = time_step_scale
         self.time_step_min = time_step_min
         self.time_step_max = time_step_max

@@ -68,8 +68,7 @@ def held_out_blocks(tokenizer, block_size=256, max_blocks=16):
 
 def load(model_path, device="cpu", dtype="float32", tokenizer=None):
     """Model and tokenizer (default: the model's) from folders or Hub ids, through the Auto classes."""
-    looks_local = str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") > 1
-    if not os.path.isdir(model_path) and (looks_local or not HUB_ID.match(str(model_path))):
+    if not os.path.isdir(model_path) and not HUB_ID.match(str(model_path)):
         raise FileNotFoundError(f"{model_path}: no such model folder (nor a Hub id such as user/name)")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), trust_remote_code=True)
     tokenizer = load_tokenizer(tokenizer or model_path)

@@ -28,7 +28,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either is enoug
 # what a folder needs to load from the Hub (AutoModel, added by newer saves, is optional)
 REQUIRED_AUTO_MAP = {k: AUTO_MAP[k] for k in ("AutoConfig", "AutoModelForCausalLM")}
 TAGS = ["hmamba", "mamba", "ssm", "hierarchical", "custom_code"]
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # name or owner/name; neither starts with "." or "-" (not ./path)
 
 
 def model_card(config, *, repo_id, base_model=None, datasets=None, command=None, notes=None, license="apache-2.0",

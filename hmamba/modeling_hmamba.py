@@ -1078,8 +1078,10 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         self, input_ids, inputs_embeds=None, use_cache=None, attention_mask=None, **kwargs
     ):  # inputs_embeds is named: generate(inputs_embeds=...) is refused for a model whose signature lacks it
         cache = kwargs.get("cache", kwargs.get("cache_params"))  # 5.24's name, 5.23's
-        if cache is not None and cache.has_previous_state and kwargs.get("is_first_iteration"):
-            self._continue(cache, input_ids if inputs_embeds is None else inputs_embeds, attention_mask, kwargs)
+        continuing = cache is not None and cache.has_previous_state and kwargs.get("is_first_iteration")
+        if continuing and kwargs.get("next_sequence_length") is None:
+            inputs = input_ids if inputs_embeds is None else inputs_embeds
+            kwargs["next_sequence_length"] = self._unseen(cache, inputs.shape[1], attention_mask)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, attention_mask=attention_mask, **kwargs
         )
@@ -1088,21 +1090,20 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         return model_inputs
 
     @staticmethod
-    def _continue(cache, inputs, attention_mask, kwargs):
-        """generate() continuing from a cache: as transformers' rule for KV caches, an input as long as its mask (or
-        without one) is the whole sequence, of which only the columns the cache has not seen are fed (generate()'s
-        own slicing skips recurrent caches); a mask longer than the input means the input holds only new tokens."""
-        if kwargs.get("next_sequence_length") is not None:
-            return
-        length = inputs.shape[1]
-        if attention_mask is None or attention_mask.shape[1] == length:
-            if length <= cache.length:
-                raise ValueError(
-                    f"the cache has seen {cache.length} tokens and the input has {length}: nothing new to feed. Pass "
-                    "the whole sequence (as generate() returned it), or only the new tokens with an attention_mask "
-                    "covering the whole sequence."
-                )
-            kwargs["next_sequence_length"] = length - cache.length
+    def _unseen(cache, length, attention_mask):
+        """How many of an input's `length` columns generate() feeds when it continues from a cache (None: all).
+        transformers' rule for KV caches: an input as long as its mask (or without one) is the whole sequence, of which
+        only the columns the cache has not seen are new (generate()'s own slicing skips recurrent caches); a mask
+        longer than the input means the input holds only new tokens."""
+        if attention_mask is not None and attention_mask.shape[1] != length:
+            return None
+        if length <= cache.length:
+            raise ValueError(
+                f"the cache has seen {cache.length} tokens and the input has {length}: nothing new to feed. Pass the "
+                "whole sequence (as generate() returned it), or only the new tokens with an attention_mask covering "
+                "the whole sequence."
+            )
+        return length - cache.length
 
     def forward(
         self,

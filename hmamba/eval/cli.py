@@ -40,8 +40,8 @@ def _eval(args):
     except ValueError:
         raise ValueError(f"--stride {args.stride!r}: expected integers separated by commas, e.g. 256,512") from None
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    run(args.model, tasks=args.tasks, text=args.text, tokenizer=args.tokenizer, model_type=args.model_type, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, limit=limit, num_fewshot=args.num_fewshot,
+    run(args.model, tasks=args.tasks, text=args.text, tokenizer=args.tokenizer, model_type=args.model_type,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, limit=limit, num_fewshot=args.num_fewshot,
         max_length=args.max_length, strides=strides, output=args.output)
 
 
