@@ -7,15 +7,32 @@ import subprocess
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, ByT5Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 EMBEDDED_CORPUS = "shakespeare"
 KJV_RANGE = "gen1:1-rev22:21"
 
 
+BYTE_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2; byte b is id b + 3
+
+
 def default_tokenizer():
-    """A byte-level tokenizer that needs no download: 256 bytes + pad, eos, unk (259 ids)."""
-    return ByT5Tokenizer(extra_ids=0)
+    """A byte-level tokenizer that needs no download: pad, eos, unk, then the 256 bytes (259 ids).
+
+    The ids of ByT5Tokenizer(extra_ids=0), which the shipped model was trained with, but a fast tokenizer that adds
+    no special token: ByT5's appends </s> to every encoded text, so tokenizer(prompt) followed by generate() or
+    pipeline() would continue after an end-of-text marker. Each byte is one token (GPT-2's byte-to-character map,
+    a BPE without merges)."""
+    chars = bytes_to_unicode()  # byte -> the printable character GPT-2's byte-level tokenizers use for it
+    vocab = {token: i for i, token in enumerate(BYTE_SPECIALS)}
+    vocab.update({chars[b]: b + len(BYTE_SPECIALS) for b in range(256)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    pad, eos, unk = BYTE_SPECIALS
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, eos_token=eos, unk_token=unk)
 
 
 def load_tokenizer(name):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hmamba.atomic import atomic_output_dir
 
-KEEP = ("model.safetensors", "generation_config.json", "tokenizer_config.json")
+KEEP = ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def ship(run_dir, name):

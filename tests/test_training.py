@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hmamba.cli import main as cli_main
 from hmamba.data import default_tokenizer, embedded_corpus, load_documents, pack, split_blocks
@@ -67,6 +67,19 @@ def test_documents_from_file_folder_and_saved_dataset(tmp_path):
         load_documents(str(tmp_path / "ds"))
     with pytest.raises(FileNotFoundError, match="could not be loaded as a Hub dataset"):
         load_documents("no/such-dataset-here")
+
+
+def test_default_tokenizer_is_byt5s_ids_without_an_appended_eos():
+    from transformers import ByT5Tokenizer
+
+    tok, byt5 = default_tokenizer(), ByT5Tokenizer(extra_ids=0)
+    assert len(tok) == len(byt5) == 259
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    for text in ("In the beginning", "h\u00e9llo w\u00f6rld \u2713 \U0001F600", "  two  spaces\n\tTab", "a</s>b", ""):
+        ids = tok(text)["input_ids"]  # add_special_tokens=True, the default: nothing is added
+        assert ids == byt5(text, add_special_tokens=False)["input_ids"] == byt5.encode(text)[:-1], text
+        assert tok.decode(ids) == text
+    assert tok.decode([1, ord("a") + 3, 0], skip_special_tokens=True) == "a"
 
 
 def test_pack_puts_eos_between_documents_and_holds_out_the_end():
@@ -304,6 +317,11 @@ def test_shipped_model_is_small_hierarchical_trained_and_reproducible():
     assert (folder / "model.safetensors").stat().st_size < 8_000_000
     model = HMambaForCausalLM.from_pretrained(folder).eval()
     assert model.config.chunk_size > 1 and model.config.num_high_layers > 0
+    tok = AutoTokenizer.from_pretrained(folder)  # what a user loads with it: the ids it was trained on, no eos added
+    assert tok("And God said")["input_ids"] == default_tokenizer()("And God said")["input_ids"] == [
+        ord(c) + 3 for c in "And God said"
+    ]
+    assert tok.eos_token_id == model.config.eos_token_id == model.generation_config.eos_token_id
     results = json.loads((folder / "train_results.json").read_text())
     assert results["command"].startswith("hmamba train ") and "--data kjv.txt" in results["command"]
     torch.manual_seed(0)
