@@ -32,8 +32,9 @@ def atomic_output_dir(out, overwrite=False):
 @contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
     """`with atomic_write("results.json") as f: json.dump(r, f)`: f is a temporary file beside PATH, flushed,
-    fsync'ed and renamed onto PATH when the block completes; on an error PATH keeps its previous content."""
-    path = Path(path)
+    fsync'ed and renamed onto PATH when the block completes; on an error PATH keeps its previous content. A symlink
+    PATH is followed: its target is written, the link stays."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as any file (mkstemp's: 0600)

@@ -641,41 +641,44 @@ AUTO_MAP = {  # config.json's auto_map of a saved model with remote code: every 
 
 @contextmanager
 def atomic_dir(out, replace=True):
-    """Yield an empty temporary folder beside OUT; only when the block completes does its content move into OUT,
-    so an error or interrupt mid-write leaves OUT as it was (and no temporary folder behind). A symlink OUT is
-    followed: its target is written, the link stays.
+    """Yield an empty temporary folder; only when the block completes does its content move into OUT, so an error
+    or interrupt mid-write leaves OUT as it was (and no temporary folder behind). A symlink OUT is followed: its
+    target is written, the link stays.
 
     replace=True: OUT becomes exactly the new folder (one rename; a previous OUT, folder or file, is swapped out,
-    then deleted).
-    replace=False: each new file is renamed into OUT (each rename atomic); OUT's other files stay, except weight
-    files of a previous save that the new one does not overwrite (as save_pretrained cleans stale shards). OUT
-    must not be a file.
+    then deleted). The temporary folder lies beside OUT.
+    replace=False: OUT must not be a file. Into an existing folder OUT, each new file is renamed (each rename
+    atomic) from a temporary folder inside OUT, so OUT's parent is never written (it may be read-only, as a home
+    folder's is); OUT's other files stay, except weight files of a previous save that the new one does not
+    overwrite (as save_pretrained cleans stale shards). A missing OUT is made by one rename, as with replace=True.
     """
     out = os.path.realpath(os.fspath(out))
     if not replace and os.path.isfile(out):
         raise FileExistsError(f"{out} is a file, not a folder: save into a folder (another path, or remove the file)")
+    merge = not replace and os.path.isdir(out)
     parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    if not merge:
+        os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(out, f".tmp-{uuid.uuid4().hex[:8]}") if merge else os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)  # mode 0777 less the umask, as any folder the user makes (mkdtemp's would be private, 0700)
     try:
         yield tmp
-        if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
-            if os.path.isdir(out):
-                os.rmdir(out)
-            os.replace(tmp, out)
-        elif replace:
-            old = f"{tmp}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-        else:
+        if merge:
             new = set(os.listdir(tmp))
             for f in sorted(new):
                 os.replace(os.path.join(tmp, f), os.path.join(out, f))
             for f in sorted(set(os.listdir(out)) - new):
                 if WEIGHT_FILE.match(f):
                     os.remove(os.path.join(out, f))
+        elif not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+            if os.path.isdir(out):
+                os.rmdir(out)
+            os.replace(tmp, out)
+        else:
+            old = f"{tmp}.old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -226,8 +226,10 @@ def test_interrupted_save_pretrained_leaves_the_previous_checkpoint(saved, monke
     import transformers.modeling_utils as mu
 
     real = mu.safe_save_file
+    parent_while_saving = []
 
     def interrupted(tensors, filename, *args, **kwargs):
+        parent_while_saving.append(sorted(os.listdir(folder.parent)))
         real(tensors, filename, *args, **kwargs)
         Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # half-written ...
         raise KeyboardInterrupt  # ... when the run is killed
@@ -237,6 +239,7 @@ def test_interrupted_save_pretrained_leaves_the_previous_checkpoint(saved, monke
         tiny_model(seed=1, chunk_size=3).save_pretrained(folder)
     assert files_of(folder) == before
     assert sorted(os.listdir(folder.parent)) == ["model"]  # no temporary folder left behind
+    assert parent_while_saving == [["model"]]  # staged inside the folder: a read-only parent is never written
     monkeypatch.undo()
 
     (folder / "pytorch_model.bin").write_bytes(b"stale weights of an older save")
@@ -311,6 +314,10 @@ def test_atomic_output_dir_and_atomic_write(tmp_path):
     assert json.loads(results.read_text()) == {"ppl": 1.0}
     assert os.listdir(results.parent) == ["results.json"]
     assert (results.stat().st_mode & 0o777) == (0o666 & ~_umask())
+    (tmp_path / "latest.json").symlink_to(results)  # a link is written through, as atomic_dir does
+    with atomic_write(tmp_path / "latest.json") as f:
+        json.dump({"ppl": 2.0}, f)
+    assert (tmp_path / "latest.json").is_symlink() and json.loads(results.read_text()) == {"ppl": 2.0}
 
 
 def _umask():
