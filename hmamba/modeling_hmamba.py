@@ -36,6 +36,7 @@ from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
 from .configuration_hmamba import HMambaConfig
@@ -1147,6 +1148,9 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
                     f"labels must have the shape of the input (batch, length) = {tuple(tokens)}, got "
                     f"{tuple(labels.shape)}; they are shifted inside the model (labels = input_ids works)."
                 )
+            if logits.shape[1] != tokens[1]:
+                raise ValueError(f"labels score every position, but logits_to_keep={logits_to_keep} keeps "
+                                 f"{logits.shape[1]} of {tokens[1]}: pass logits_to_keep=0 (all) with labels")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         if not return_dict:
@@ -1155,6 +1159,12 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         return HMambaCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+
+# transformers' Trainer shifts the labels for label smoothing (and pipeline("text-generation") accepts a model) only
+# for the causal LMs named in this table, which AutoModelForCausalLM.register does not extend: without this entry a
+# label-smoothed Trainer would train the model to repeat its input. Here, so that trust_remote_code loads add it too.
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(HMambaConfig.model_type, HMambaForCausalLM.__name__)
 
 
 __all__ = ["HMambaCache", "HMambaForCausalLM", "HMambaModel", "HMambaPreTrainedModel"]

@@ -16,7 +16,8 @@ import shutil
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .atomic import atomic_write_json
@@ -112,7 +113,8 @@ class BlockDataset(torch.utils.data.Dataset):
 
 class AtomicCheckpointTrainer(Trainer):
     """Trainer whose checkpoints appear all at once: each is written into `.staging/` and renamed into place
-    when complete, so an interrupted save never leaves a half checkpoint for `--resume` to pick up."""
+    when complete, so an interrupted save never leaves a half checkpoint for `--resume` to pick up. The best
+    checkpoint (load_best_model_at_end) is recorded at its final path, in the state and in the checkpoint."""
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)
@@ -126,8 +128,12 @@ class AtomicCheckpointTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        best = self.state.best_global_step  # transformers recorded the best checkpoint under .staging, if at all
+        if best and (best == self.state.global_step or os.path.isdir(os.path.join(run_dir, f"checkpoint-{best}"))):
+            self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{best}")
         self.accelerator.wait_for_everyone()  # every rank has written its part (rng states, shards)
         if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))  # with the final path
             final = os.path.join(run_dir, name)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(os.path.join(staging, name), final)
@@ -217,6 +223,9 @@ def train(
     """Train (or fine-tune) an HMamba with the Trainer, then save it to `output_dir` with its tokenizer and
     `train_results.json`. Returns that summary dict (held-out loss, perplexity, bits per token, tokens/s)."""
     started = time.perf_counter()
+    if lora and model is None:
+        raise ValueError("LoRA adapts a pretrained model: pass model (--model FOLDER or Hub id). Without one the base "
+                         "weights would be random and never saved, so the adapters could not be loaded again")
     saves_full_model = not lora or merge_lora
     if push_to_hub:
         check_repo_id(push_to_hub)  # before hours of training, not after
@@ -272,17 +281,20 @@ def train(
     checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
+    first_step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step if checkpoint else 0
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
 
+    trainable = trainer.model.num_parameters(only_trainable=True)  # LoRA: the adapters, before merging them away
     if lora and merge_lora:  # save_model writes `trainer.model`: the merged model instead of the adapters
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(output_dir)
-    tokens = result.global_step * batch_size * gradient_accumulation_steps * args.world_size * block_size
+    tokens_per_step = batch_size * gradient_accumulation_steps * args.world_size * block_size
+    tokens = result.global_step * tokens_per_step
     summary = {
         "source": source,
         "parameters": trainer.model.num_parameters(),
-        "trainable_parameters": trainer.model.num_parameters(only_trainable=True),
+        "trainable_parameters": trainable,
         "block_size": block_size,
         "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks),
@@ -292,8 +304,9 @@ def train(
         "eval_loss": metrics["eval_loss"],
         "eval_perplexity": math.exp(metrics["eval_loss"]),
         "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
-        "train_seconds": result.metrics["train_runtime"],
-        "tokens_per_second": tokens / result.metrics["train_runtime"],
+        "resumed_from_step": first_step,
+        "train_seconds": result.metrics["train_runtime"],  # of this call: from first_step on
+        "tokens_per_second": (result.global_step - first_step) * tokens_per_step / result.metrics["train_runtime"],
         "command": command,
         "log_history": trainer.state.log_history,
     }
@@ -311,9 +324,10 @@ def train(
                 commit = upload(trainer.model, tokenizer, push_to_hub, private=private, **card)
                 print(f"pushed to {commit.commit_url}")
         print(
-            f"summary: {summary['steps']} steps, {summary['tokens_trained']:,} tokens in {summary['train_seconds']:.0f} s "
-            f"({summary['tokens_per_second']:.0f} tokens/s); held-out loss {summary['eval_loss']:.4f} "
-            f"(perplexity {summary['eval_perplexity']:.3f}, {summary['eval_bits_per_token']:.3f} bits/token); "
+            f"summary: {summary['steps']} steps, {summary['tokens_trained']:,} tokens"
+            + (f" (resumed at step {first_step})" if first_step else "")
+            + f"; {summary['train_seconds']:.0f} s of training ({summary['tokens_per_second']:.0f} tokens/s); held-out "
+            f"loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, {summary['eval_bits_per_token']:.3f} bits/token); "
             f"saved to {output_dir} in {time.perf_counter() - started:.0f} s"
         )
     return summary

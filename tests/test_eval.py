@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hmamba.eval import perplexity, sliding_window_perplexity
+from hmamba.data import default_tokenizer
+from hmamba.eval import perplexity, sliding_window_perplexity, text_perplexity
 
 from conftest import tiny_model
 
@@ -67,3 +68,13 @@ def test_sliding_window_bad_input():
         sliding_window_perplexity(model, torch.arange(2, 20), max_length=4, stride=5)
     with pytest.raises(ValueError, match="max_length must be >= 2"):
         sliding_window_perplexity(model, torch.arange(2, 20), max_length=1, stride=1)
+
+
+def test_text_perplexity_bits_per_byte_compare_across_rows():
+    # byte-level ids: one byte per token, so bits/byte is each row's own nll in bits, whichever tokens it scores
+    # (stride == max_length leaves every window's first token unscored; those bytes must not count as free)
+    model, text = tiny_model(vocab_size=259, chunk_size=3), "And God said, Let there be light: and there was light."
+    rows = text_perplexity(model, default_tokenizer(), text, max_length=8, strides=(4, 8))
+    assert [r["tokens"] for r in rows] == [len(text) - 1, len(text) - 1, len(text) - 1 - len(range(8, len(text), 8))]
+    for r in rows:
+        assert r["bits_per_byte"] == pytest.approx(r["nll"] / math.log(2)), r["method"]

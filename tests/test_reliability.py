@@ -70,6 +70,8 @@ def test_labels_of_the_wrong_shape(model):
     with pytest.raises(ValueError, match=r"labels must have the shape of the input .* = \(2, 6\), got \(2, 5\)"):
         model(ids, labels=ids[:, 1:])
     assert torch.isfinite(model(ids, labels=ids).loss)  # the right shape works (shifted inside)
+    with pytest.raises(ValueError, match="logits_to_keep=1 keeps 1 of 6: pass logits_to_keep=0"):
+        model(ids, labels=ids, logits_to_keep=1)
 
 
 def test_attention_mask_values_and_shape(model):

@@ -113,7 +113,9 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_loss_curve(tmp_path, cor
 
     train(str(tmp_path / "cut"), callbacks=[StopAtStep(4)], **run)
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-4"]
-    train(str(tmp_path / "cut"), resume=True, **run)
+    summary = train(str(tmp_path / "cut"), resume=True, **run)
+    assert summary["resumed_from_step"] == 4 and summary["tokens_trained"] == 8 * 4 * 32
+    assert summary["tokens_per_second"] == pytest.approx(4 * 4 * 32 / summary["train_seconds"])  # this call's steps
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert sorted(full) == sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
@@ -143,6 +145,39 @@ def test_interrupted_checkpoint_save_leaves_no_partial_checkpoint(tmp_path, corp
     monkeypatch.undo()
     train(str(tmp_path / "run"), data=corpus, max_steps=6, save_steps=2, resume=True, **FAST)  # picks up at step 2
     assert losses(tmp_path / "run").keys() == set(range(1, 7))
+
+
+def test_best_checkpoint_is_recorded_at_its_final_path(tmp_path, corpus):
+    from transformers import TrainingArguments
+
+    from hmamba.train import AtomicCheckpointTrainer, BlockDataset, build_model
+
+    model, tok = build_model(config_overrides=TINY)
+    blocks = pack([Path(corpus).read_text()[:4000]], tok, 32)
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, eval_strategy="steps",
+                             eval_steps=2, save_strategy="steps", save_steps=2, save_total_limit=1,
+                             load_best_model_at_end=True, metric_for_best_model="eval_loss", use_cpu=True,
+                             report_to="none")
+    trainer = AtomicCheckpointTrainer(model=model, args=args, train_dataset=BlockDataset(blocks[:-4]),
+                                      eval_dataset=BlockDataset(blocks[-4:]))
+    trainer.train()  # loads the best checkpoint at the end: it must be where it was moved
+    best = trainer.state.best_model_checkpoint
+    assert best == str(tmp_path / "run" / f"checkpoint-{trainer.state.best_global_step}") and os.path.isdir(best)
+    state = json.loads((Path(best) / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == best
+
+
+def test_trainer_label_smoothing_shifts_the_labels(tmp_path):
+    import torch.nn.functional as F
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model().train()
+    ids = torch.randint(3, 64, (2, 12))
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to="none")
+    loss = Trainer(model=model, args=args).compute_loss(model, {"input_ids": ids, "labels": ids.clone()})
+    logits = model(ids).logits[:, :-1]  # position t predicts token t + 1
+    shifted = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), label_smoothing=0.1)
+    assert loss.item() == pytest.approx(shifted.item(), rel=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -237,15 +272,24 @@ def test_every_lora_adapter_gets_a_gradient_and_changes_the_output(tmp_path):
 
 
 def test_train_with_lora_saves_adapters_or_the_merged_model(tmp_path, corpus):
-    train(str(tmp_path / "adapters"), data=corpus, max_steps=2, lora=True, lora_stacks=("low",), **FAST)
+    base = str(tmp_path / "base")
+    train(base, data=corpus, max_steps=1, **FAST)
+    lora = dict(FAST, config_overrides=None, model=base, lora=True)
+    with pytest.raises(ValueError, match="LoRA adapts a pretrained model: pass model"):
+        train(str(tmp_path / "x"), data=corpus, max_steps=1, **dict(lora, model=None))  # random base, never saved
+    train(str(tmp_path / "adapters"), data=corpus, max_steps=2, lora_stacks=("low",), **lora)
     assert (tmp_path / "adapters" / "adapter_model.safetensors").exists()
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert "low_layers" in config["target_modules"] and "high_layers" not in config["target_modules"]
-    train(str(tmp_path / "merged"), data=corpus, max_steps=2, lora=True, merge_lora=True, **FAST)
+    assert config["base_model_name_or_path"] == base
+    summary = train(str(tmp_path / "merged"), data=corpus, max_steps=2, merge_lora=True, **lora)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     assert not any("lora" in n for n in model.state_dict())
+    adapters = add_lora(AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True))
+    assert summary["trainable_parameters"] == adapters.num_parameters(only_trainable=True) > 0  # counted before merging
+    assert summary["parameters"] == model.num_parameters()
     with pytest.raises(ValueError, match="LoRA already freezes"):
-        train(str(tmp_path / "x"), data=corpus, max_steps=1, lora=True, freeze=("low",), **FAST)
+        train(str(tmp_path / "x"), data=corpus, max_steps=1, freeze=("low",), **lora)
 
 
 # ---- multi-process and CLI --------------------------------------------------------------------------------

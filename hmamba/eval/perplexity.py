@@ -80,7 +80,9 @@ def sliding_window_perplexity(model, input_ids, max_length=1024, stride=512):
 
 def text_perplexity(model, tokenizer, text, max_length=1024, strides=(512,), segment_length=2048):
     """Perplexity of a text: the exact recurrent number, then one sliding-window row per stride. Each row has
-    method, tokens, nll, perplexity, bits_per_byte (total nats / ln 2 / UTF-8 bytes of the text) and seconds."""
+    method, tokens, nll, perplexity, bits_per_byte and seconds. bits_per_byte is the mean nats of a scored token
+    / ln 2 over the text's UTF-8 bytes per token, so rows that leave different tokens unscored (a window's first
+    token when stride == max_length) compare; over every token it is the total bits over the text's bytes."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     nbytes = len(text.encode("utf-8"))
     runs = [("exact (state carried across segments)", lambda: perplexity(model, ids, segment_length))]
@@ -91,7 +93,7 @@ def text_perplexity(model, tokenizer, text, max_length=1024, strides=(512,), seg
         start = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - start
-        bits_per_byte = result["nll"] * result["tokens"] / math.log(2) / nbytes
+        bits_per_byte = result["nll"] / math.log(2) * len(ids) / nbytes
         rows.append(dict(method=method, **result, bits_per_byte=bits_per_byte, seconds=seconds))
     return rows
 
