@@ -60,7 +60,8 @@ def add_train(sub):
                    help="train only these groups, comma-separated from embeddings,low,high,out,norm_f (e.g. high)")
     p.add_argument("--freeze", type=_csv, default=None, metavar="GROUPS",
                    help="freeze these groups, comma-separated from embeddings,low,high,out,norm_f")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters on in_proj/x_proj/dt_proj/out_proj of --model (required)")
+    p.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters on in_proj/x_proj/dt_proj/out_proj of --model (required)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default: 16)")
     p.add_argument("--lora-stacks", type=_csv, default=("low", "high", "out"), metavar="STACKS",
