@@ -1,7 +1,9 @@
 """`hmamba` command line: thin argparse wrappers over library functions."""
 
 import argparse
+import signal
 import sys
+import threading
 
 
 def device_arg(text):
@@ -87,12 +89,22 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line, recorded in what it makes (train_results.json, model cards)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args.func(args)
     except (ValueError, OSError) as e:  # bad input, missing or unreadable files, an unreachable Hub
         print(f"hmamba {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    """SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so half-written outputs are removed; exit 143."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

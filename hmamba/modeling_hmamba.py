@@ -658,9 +658,13 @@ def atomic_dir(out, replace=True):
         raise FileExistsError(f"{out} is a file, not a folder: save into a folder (another path, or remove the file)")
     merge = not replace and os.path.isdir(out)
     parent, name = os.path.split(out)
-    if not merge:
-        os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(out, f".tmp-{uuid.uuid4().hex[:8]}") if merge else os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    made, folder = [], parent  # the folders above OUT this call creates, deepest first
+    while not os.path.isdir(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = os.path.join(out, f".tmp-{tag}") if merge else os.path.join(parent, f".{name}.tmp-{tag}")
     os.mkdir(tmp)  # mode 0777 less the umask, as any folder the user makes (mkdtemp's would be private, 0700)
     try:
         yield tmp
@@ -682,6 +686,10 @@ def atomic_dir(out, replace=True):
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # a failed write leaves no new empty folders either
+            if os.listdir(folder):
+                break
+            os.rmdir(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------

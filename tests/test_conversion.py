@@ -240,3 +240,124 @@ def test_cli_reports_errors_and_summary(tmp_path, mamba_ssm_ckpt, capsys):
     out = capsys.readouterr().out
     assert "layers: {'low': 2, 'high': 2, 'out': 0}" in out and "fine-tune before use" in out
     assert main(["export", str(tmp_path / "o"), str(tmp_path / "e")]) == 2
+
+
+# ---- sources the output must not destroy or misrepresent; upstream defaults ------------------------------
+
+
+def test_out_that_holds_the_source_is_refused(tmp_path, mamba_ssm_ckpt):
+    _, _, src = mamba_ssm_ckpt
+    before = sorted(os.listdir(src))
+    for out in (src, tmp_path):  # the source itself, or a folder holding it: --overwrite would delete it
+        with pytest.raises(CheckpointError, match="holds the source checkpoint .*choose another output folder"):
+            convert(src, out, overwrite=True)
+    convert(src, tmp_path / "hm")
+    with pytest.raises(CheckpointError, match="holds the source checkpoint"):
+        export(tmp_path / "hm", tmp_path / "hm", overwrite=True)
+    assert sorted(os.listdir(src)) == before and (tmp_path / "hm" / "model.safetensors").exists()
+
+
+def test_functions_the_target_cannot_compute_are_refused(tmp_path, mamba_ssm_ckpt):
+    gelu = make_mamba()
+    gelu.config.hidden_act = "gelu"
+    gelu.save_pretrained(tmp_path / "gelu")
+    with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
+        convert(tmp_path / "gelu", tmp_path / "out")
+
+    eps = make_mamba()
+    eps.config.layer_norm_epsilon = 0.5
+    eps.save_pretrained(tmp_path / "eps")
+    convert(tmp_path / "eps", tmp_path / "hm")
+    with pytest.raises(CheckpointError, match="layer_norm_epsilon=0.5: mamba_ssm's config has no such field"):
+        export(tmp_path / "hm", tmp_path / "back", layout="mamba_ssm")
+    export(tmp_path / "hm", tmp_path / "back", layout="hf")  # the -hf layout keeps it
+    assert MambaForCausalLM.from_pretrained(tmp_path / "back").config.layer_norm_epsilon == 0.5
+
+    _, _, src = mamba_ssm_ckpt
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "d_intermediate": 64}))
+    with pytest.raises(CheckpointError, match="d_intermediate=64: checkpoints with an MLP"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_upstream_config_defaults_legacy_bin_and_damaged_json(tmp_path, mamba_ssm_ckpt):
+    reference, state, src = mamba_ssm_ckpt
+    torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tie_embeddings"}))
+    convert(src, tmp_path / "legacy", low_layers=2)  # tie_embeddings takes mamba_ssm's default (True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "legacy", trust_remote_code=True).eval()
+    ids = torch.randint(0, 61, (1, 7))
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-5, rtol=0)
+
+    hf = tmp_path / "hf"
+    make_mamba(n_layer=32, d_model=8).save_pretrained(hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"}))
+    assert convert(hf, tmp_path / "hm", low_layers=16)["layers"]["high"] == 16  # transformers' default, 32 layers
+
+    (hf / "config.json").write_text("{'not': json}")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        convert(hf, tmp_path / "out")
+
+
+def test_tokenizer_replaces_the_sources_and_defaults_follow_out_layers(tmp_path, mamba_ssm_ckpt, capsys):
+    from transformers import AutoTokenizer
+
+    from hmamba.data import default_tokenizer
+
+    _, _, src = mamba_ssm_ckpt
+    (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": "SRC_EOS"}))
+    default_tokenizer().save_pretrained(tmp_path / "tok")
+    summary = convert(src, tmp_path / "out", out_layers=2, tokenizer=str(tmp_path / "tok"))
+    assert summary["layers"] == {"low": 1, "high": 1, "out": 2}  # default L: half of those not in out
+    assert "special_tokens_map.json" not in summary["files"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "</s>"
+
+    assert main(["convert", str(src), str(tmp_path / "flat"), "--low-layers", "3", "--out-layers", "1",
+                 "--chunk-size", "4"]) == 0  # no H layers: exact, whatever the chunk size
+    assert "fine-tune before use" not in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "flat"), str(tmp_path / "back")]) == 0
+    untied = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4,
+                                          tie_word_embeddings=False))
+    untied.save_pretrained(tmp_path / "untied")
+    convert(tmp_path / "untied", tmp_path / "hm-untied")
+    summary = export(tmp_path / "hm-untied", tmp_path / "back-untied")
+    assert summary["parameters"] == MambaForCausalLM.from_pretrained(tmp_path / "back-untied").num_parameters()
+
+
+def test_model_card_of_a_conversion_into_the_current_folder(tmp_path, mamba_ssm_ckpt, monkeypatch):
+    _, _, src = mamba_ssm_ckpt
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    convert(src, ".")
+    card = (tmp_path / "here" / "README.md").read_text()
+    assert 'from_pretrained("here"' in card and "hmamba convert" in card and ".tmp-" not in card
+
+
+def test_failed_runs_leave_no_new_folders_and_sigterm_unwinds(tmp_path, mamba_ssm_ckpt, monkeypatch):
+    import signal
+
+    import hmamba.conversion.checkpoints as conv
+
+    _, _, src = mamba_ssm_ckpt
+    _rewrite(src, lambda s: s.pop("backbone.layers.1.mixer.D"))
+    with pytest.raises(CheckpointError, match="key mismatch"):
+        convert(src, tmp_path / "new" / "deep" / "out")
+    with pytest.raises(CheckpointError, match="--base-model 'not a hub id!' is not a Hugging Face Hub id"):
+        convert(src, tmp_path / "new2" / "out", base_model="not a hub id!")
+    assert sorted(os.listdir(tmp_path)) == ["mamba_ssm"]
+
+    _rewrite(src, lambda s: s.update({"backbone.layers.1.mixer.D": torch.ones(32)}))
+    real_save = conv.save_hmamba
+
+    def killed(*args, **kwargs):
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # `kill`, `timeout`, a scheduler ending the job mid-write
+
+    monkeypatch.setattr(conv, "save_hmamba", killed)
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(src), str(tmp_path / "out")])
+    assert exit_.value.code == 143 and sorted(os.listdir(tmp_path)) == ["mamba_ssm"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -54,6 +55,21 @@ def stack_key(config, i, name):
 # reading
 
 
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; download it again") from e
+
+
+def check_out(src, out):
+    """OUT must not be SRC or a folder holding it: --overwrite would delete the source."""
+    src, out = os.path.realpath(src), os.path.realpath(out)
+    if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+        raise CheckpointError(f"{out} holds the source checkpoint {src}: writing there would delete the source; "
+                              "choose another output folder")
+
+
 def resolve_source(src):
     """A local folder, or a Hub id downloaded with huggingface_hub (a clear error when offline)."""
     if os.path.isdir(src):
@@ -84,7 +100,7 @@ def load_state_dict(folder):
     folder = Path(folder)
     for index_name, loader in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
         if (folder / index_name).exists():
-            files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            files = sorted(set(read_json(folder / index_name)["weight_map"].values()))
             break
     else:
         files = ["model.safetensors"] if (folder / "model.safetensors").exists() else ["pytorch_model.bin"]
@@ -97,7 +113,8 @@ def load_state_dict(folder):
             if name.endswith(".safetensors"):
                 part = load_file(path)
             else:
-                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap reads only the zip format of torch >= 1.6; older (legacy) files load whole
+                part = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except (SafetensorError, RuntimeError, OSError, EOFError) as e:
             raise CheckpointError(f"cannot read {path}: {e}. Is the file truncated or corrupted?") from e
         except Exception as e:  # torch.load(weights_only=True) refusing a pickle that would run code
@@ -112,7 +129,7 @@ def read_mamba(folder):
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder} is not a Mamba checkpoint: it has no config.json")
-    cfg = json.loads(config_path.read_text())
+    cfg = read_json(config_path)
     if "d_model" in cfg and "n_layer" in cfg:
         layout, kwargs = "mamba_ssm", _from_mamba_ssm_config(cfg)
         embedding_key = "backbone.embedding.weight"
@@ -136,6 +153,9 @@ def read_mamba(folder):
             layers[int(m.group(1))][m.group(2)] = tensor
         else:
             rest[key] = tensor
+    if embedding_key not in rest and embedding_key.removeprefix("backbone.") in state:
+        raise CheckpointError(f"{folder} holds a Mamba without its LM head (keys lack 'backbone.', as "
+                              "MambaModel.save_pretrained writes them): convert a MambaForCausalLM checkpoint")
     for name in (embedding_key, "backbone.norm_f.weight"):
         if name not in rest:
             raise CheckpointError(f"{folder}: missing key {name} ({layout} layout)")
@@ -163,8 +183,11 @@ def _from_mamba_ssm_config(cfg):
         raise CheckpointError("rms_norm=false (LayerNorm) checkpoints are not supported: HMamba uses RMSNorm")
     if cfg.get("attn_layer_idx"):
         raise CheckpointError("hybrid checkpoints with attention layers (attn_layer_idx) are not supported")
+    if cfg.get("d_intermediate"):
+        raise CheckpointError(f"d_intermediate={cfg['d_intermediate']}: checkpoints with an MLP after each mixer are "
+                              "not supported (HMamba blocks are Mamba mixers only)")
     multiple = cfg.get("pad_vocab_size_multiple", 8)
-    vocab = cfg["vocab_size"]
+    vocab = cfg.get("vocab_size", 50277)  # mamba_ssm's MambaConfig defaults
     vocab += (multiple - vocab % multiple) % multiple
     return dict(
         num_layers=cfg["n_layer"],
@@ -184,9 +207,15 @@ def _from_mamba_ssm_config(cfg):
 
 
 def _from_hf_config(cfg):
-    kwargs = {k: cfg[k] for k in SHARED_CONFIG_KEYS if k in cfg}
-    kwargs["num_layers"] = cfg["num_hidden_layers"]
-    kwargs["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
+    from transformers import MambaConfig
+
+    hf = MambaConfig.from_dict(cfg)  # a field config.json leaves out takes transformers' default, as AutoConfig's
+    if hf.hidden_act != "silu":
+        raise CheckpointError(f"hidden_act={hf.hidden_act!r}: HMamba's mixer uses SiLU (Mamba's), so the converted "
+                              "model would compute another function")
+    kwargs = {k: getattr(hf, k) for k in SHARED_CONFIG_KEYS}
+    kwargs["num_layers"] = hf.num_hidden_layers
+    kwargs["tie_word_embeddings"] = hf.tie_word_embeddings
     return kwargs
 
 
@@ -213,9 +242,12 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     equivalent `hmamba convert` command, with `repo_id` (default: OUT's name) in its loading example.
     """
     folder = resolve_source(src)
+    check_out(folder, out)
+    if base_model is not None and not HUB_ID.match(base_model):  # checked before the work, not when writing the card
+        raise CheckpointError(f"--base-model {base_model!r} is not a Hugging Face Hub id (owner/name)")
     kwargs, layout, layers, embedding, norm_f, lm_head = read_mamba(folder)
     n = len(layers)
-    low_layers = n // 2 if low_layers is None else low_layers
+    low_layers = (n - out_layers) // 2 if low_layers is None else low_layers
     if not 0 <= out_layers < n:
         raise CheckpointError(
             f"--out-layers {out_layers} is out of range: the checkpoint has {n} layers and at least one must stay in "
@@ -238,7 +270,8 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
             tokenizer = load_tokenizer(tokenizer)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
-    command = ["hmamba", "convert", str(src), Path(out).name, "--low-layers", str(low_layers), "--out-layers",
+    out_name = Path(os.path.realpath(out)).name  # also for "."
+    command = ["hmamba", "convert", str(src), out_name, "--low-layers", str(low_layers), "--out-layers",
                str(out_layers), "--chunk-size", str(chunk_size), "--pooling", pooling]
     command += ["--dtype", dtype] if dtype else []
     command += ["--tokenizer", str(tokenizer.name_or_path)] if tokenizer is not None else []
@@ -252,13 +285,14 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
 
     with atomic_output_dir(out, overwrite) as tmp:
         files = save_hmamba(config, state, tmp, torch_dtype=target)
-        for f in sorted(folder.iterdir()):
-            if TOKENIZER_FILES.match(f.name) and f.is_file():
+        for f in sorted(folder.iterdir()):  # --tokenizer replaces the source's tokenizer, not its generation config
+            keep = tokenizer is None or f.name == "generation_config.json"
+            if TOKENIZER_FILES.match(f.name) and f.is_file() and keep:
                 shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_model_card(tmp, base_model=base_model or (None if os.path.isdir(src) else str(src)),
-                         command=shlex.join(command), repo_id=repo_id or Path(out).name)
+                         command=shlex.join(command), repo_id=repo_id or out_name)
         files = sorted(p.name for p in tmp.iterdir())
     summary = dict(
         source=str(src), layout=layout, out=str(out), parameters=sum(t.numel() for t in state.values()),
@@ -302,7 +336,8 @@ def export(src, out, layout="hf", overwrite=False):
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder} is not an HMamba checkpoint: it has no config.json")
-    cfg = json.loads(config_path.read_text())
+    check_out(folder, out)
+    cfg = read_json(config_path)
     if cfg.get("model_type") != "hmamba":
         raise CheckpointError(f"{folder}/config.json has model_type={cfg.get('model_type')!r}, not 'hmamba'")
     config = HMambaConfig.from_pretrained(folder)
@@ -312,6 +347,10 @@ def export(src, out, layout="hf", overwrite=False):
         )
     if layout not in ("hf", "mamba_ssm"):
         raise CheckpointError(f"--layout {layout!r} is not one of ('hf', 'mamba_ssm')")
+    if layout == "mamba_ssm" and config.layer_norm_epsilon != 1e-5:
+        raise CheckpointError(f"layer_norm_epsilon={config.layer_norm_epsilon}: mamba_ssm's config has no such field "
+                              "(its models always use 1e-5), so that layout would compute another function: use "
+                              "--layout hf")
     state = load_state_dict(folder)
     layers = {}
     offsets = stack_offsets(config)
@@ -321,6 +360,7 @@ def export(src, out, layout="hf", overwrite=False):
             layers[f"backbone.layers.{offsets[m.group(1)] + int(m.group(2))}.{m.group(3)}"] = tensor
     embedding, norm_f = state["backbone.embeddings.weight"], state["backbone.norm_f.weight"]
     lm_head = state.get("lm_head.weight", embedding)
+    head = 0 if config.tie_word_embeddings else lm_head.numel()
 
     with atomic_output_dir(out, overwrite) as tmp:
         if layout == "hf":
@@ -332,7 +372,7 @@ def export(src, out, layout="hf", overwrite=False):
                 shutil.copy2(f, tmp / f.name)
         files = sorted(p.name for p in tmp.iterdir())
     return dict(source=str(src), out=str(out), layout=layout, layers=config.num_hidden_layers, files=files,
-                parameters=sum(t.numel() for t in layers.values()) + embedding.numel() + norm_f.numel())
+                parameters=sum(t.numel() for t in layers.values()) + embedding.numel() + norm_f.numel() + head)
 
 
 def _write_hf(config, layers, embedding, norm_f, lm_head, folder):
@@ -369,7 +409,7 @@ def _write_mamba_ssm(config, layers, embedding, norm_f, lm_head, folder):
 def format_summary(summary):
     lines = [f"{k}: {v}" for k, v in summary.items() if k != "files"]
     lines.append(f"files: {', '.join(summary['files'])}")
-    if summary.get("chunk_size", 1) > 1:
+    if summary.get("chunk_size", 1) > 1 and summary["layers"]["high"] > 0:
         lines.append(
             "note: chunk_size > 1 feeds the H layers chunk summaries instead of every token, which their "
             "pretrained weights never saw: fine-tune before use (hmamba train)."

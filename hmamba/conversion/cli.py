@@ -10,7 +10,8 @@ def add_convert(sub):
     )
     p.add_argument("src", help="source checkpoint: a local folder or a Hugging Face Hub id (needs network)")
     p.add_argument("out", help="output folder (written atomically; must be empty unless --overwrite)")
-    p.add_argument("--low-layers", type=int, default=None, help="layers in the L-stack (default: half the layers)")
+    p.add_argument("--low-layers", type=int, default=None,
+                   help="layers in the L-stack (default: half of those not in --out-layers)")
     p.add_argument("--out-layers", type=int, default=0, help="token-rate layers after the fusion (default: 0)")
     p.add_argument("--chunk-size", type=int, default=1, help="tokens per H-stack position (default: 1, exact)")
     p.add_argument("--pooling", default="last", choices=["last", "mean"], help="chunk summary (default: last)")
