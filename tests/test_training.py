@@ -418,4 +418,5 @@ def test_train_writes_a_model_card_and_pushes(tmp_path, corpus, hub):
     with pytest.raises(ValueError, match="not a Hub repo id"):
         train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="no-owner", **FAST)
     with pytest.raises(ValueError, match="--merge-lora"):
-        train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="me/x", lora=True, **FAST)
+        train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="me/x", model=str(tmp_path / "run"),
+              lora=True, **dict(FAST, config_overrides=None))
