@@ -89,21 +89,26 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line, recorded in what it makes (train_results.json, model cards)
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # only the main thread may set handlers; a handler the caller installed (or SIG_IGN) is left alone
+    default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    handle = default and threading.current_thread() is threading.main_thread()
+    if handle:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except (ValueError, OSError) as e:  # bad input, missing or unreadable files, an unreachable Hub
         print(f"hmamba {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 
 def _terminate(signum, frame):
-    """SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so half-written outputs are removed; exit 143."""
+    """SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so half-written outputs are removed; exit 143.
+    Further SIGTERMs are ignored while the cleanup runs."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

@@ -24,7 +24,8 @@ def default_tokenizer():
     The ids of ByT5Tokenizer(extra_ids=0), which the shipped model was trained with, but a fast tokenizer that adds
     no special token: ByT5's appends </s> to every encoded text, so tokenizer(prompt) followed by generate() or
     pipeline() would continue after an end-of-text marker. Each byte is one token (GPT-2's byte-to-character map,
-    a BPE without merges)."""
+    a BPE without merges). Decoding bytes that are not valid UTF-8 (a generation cut inside a character) gives
+    U+FFFD where ByT5's dropped them."""
     chars = bytes_to_unicode()  # byte -> the printable character GPT-2's byte-level tokenizers use for it
     vocab = {token: i for i, token in enumerate(BYTE_SPECIALS)}
     vocab.update({chars[b]: b + len(BYTE_SPECIALS) for b in range(256)})

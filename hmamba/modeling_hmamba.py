@@ -646,27 +646,30 @@ def atomic_dir(out, replace=True):
     or interrupt mid-write leaves OUT as it was (and no temporary folder behind). A symlink OUT is followed: its
     target is written, the link stays.
 
-    replace=True: OUT becomes exactly the new folder (one rename; a previous OUT, folder or file, is swapped out,
-    then deleted). The temporary folder lies beside OUT.
-    replace=False: OUT must not be a file. Into an existing folder OUT, each new file is renamed (each rename
-    atomic) from a temporary folder inside OUT, so OUT's parent is never written (it may be read-only, as a home
-    folder's is); OUT's other files stay, except weight files of a previous save that the new one does not
-    overwrite (as save_pretrained cleans stale shards). A missing OUT is made by one rename, as with replace=True.
+    A missing OUT is made by one rename of a temporary folder beside it; parent folders made for it are removed
+    again if the write fails.
+    replace=True: OUT becomes exactly the new folder (a previous OUT, folder or file, is swapped out, then deleted).
+    replace=False: OUT must not be a file; OUT's other files stay, except weight files of a previous save that the
+    new one does not overwrite (as save_pretrained cleans stale shards).
+    Into an existing folder OUT that is kept (replace=False, or an empty OUT), each new file is renamed (each
+    rename atomic) from a temporary folder inside OUT: OUT's parent is never written (it may be read-only, as a
+    home folder's is) and OUT itself stays (it may be the current folder).
     """
     out = os.path.realpath(os.fspath(out))
     if not replace and os.path.isfile(out):
         raise FileExistsError(f"{out} is a file, not a folder: save into a folder (another path, or remove the file)")
-    merge = not replace and os.path.isdir(out)
+    merge = os.path.isdir(out) and (not replace or not os.listdir(out))
     parent, name = os.path.split(out)
     made, folder = [], parent  # the folders above OUT this call creates, deepest first
     while not os.path.isdir(folder):
         made.append(folder)
         folder = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = os.path.join(out, f".tmp-{tag}") if merge else os.path.join(parent, f".{name}.tmp-{tag}")
-    os.mkdir(tmp)  # mode 0777 less the umask, as any folder the user makes (mkdtemp's would be private, 0700)
+    old = f"{tmp}.old"
     try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(tmp)  # mode 0777 less the umask, as any folder the user makes (mkdtemp's would be private, 0700)
         yield tmp
         if merge:
             new = set(os.listdir(tmp))
@@ -675,21 +678,21 @@ def atomic_dir(out, replace=True):
             for f in sorted(set(os.listdir(out)) - new):
                 if WEIGHT_FILE.match(f):
                     os.remove(os.path.join(out, f))
-        elif not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
-            if os.path.isdir(out):
-                os.rmdir(out)
+        elif not os.path.exists(out):
             os.replace(tmp, out)
         else:
-            old = f"{tmp}.old"
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     finally:
+        if os.path.lexists(old) and not os.path.lexists(out):  # interrupted between the two renames: put OUT back
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # a failed write leaves no new empty folders either
-            if os.listdir(folder):
+            try:
+                os.rmdir(folder)  # only an empty one
+            except OSError:
                 break
-            os.rmdir(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -128,9 +128,8 @@ class AtomicCheckpointTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
-        best = self.state.best_global_step  # transformers recorded the best checkpoint under .staging, if at all
-        if best and (best == self.state.global_step or os.path.isdir(os.path.join(run_dir, f"checkpoint-{best}"))):
-            self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{best}")
+        if self.state.best_model_checkpoint == os.path.join(staging, name):  # this one is the best: where it goes
+            self.state.best_model_checkpoint = os.path.join(run_dir, name)
         self.accelerator.wait_for_everyone()  # every rank has written its part (rng states, shards)
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))  # with the final path
@@ -224,8 +223,8 @@ def train(
     `train_results.json`. Returns that summary dict (held-out loss, perplexity, bits per token, tokens/s)."""
     started = time.perf_counter()
     if lora and model is None:
-        raise ValueError("LoRA adapts a pretrained model: pass model (--model FOLDER or Hub id). Without one the base "
-                         "weights would be random and never saved, so the adapters could not be loaded again")
+        raise ValueError("LoRA adapts a pretrained model: pass model (--model FOLDER or Hub id). Without one the "
+                         "adapters would be trained on random weights (and, unmerged, saved without them)")
     saves_full_model = not lora or merge_lora
     if push_to_hub:
         check_repo_id(push_to_hub)  # before hours of training, not after
@@ -281,7 +280,9 @@ def train(
     checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
-    first_step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step if checkpoint else 0
+    first_step = 0  # the step this call starts from
+    if checkpoint:
+        first_step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
 
@@ -327,8 +328,8 @@ def train(
             f"summary: {summary['steps']} steps, {summary['tokens_trained']:,} tokens"
             + (f" (resumed at step {first_step})" if first_step else "")
             + f"; {summary['train_seconds']:.0f} s of training ({summary['tokens_per_second']:.0f} tokens/s); held-out "
-            f"loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, {summary['eval_bits_per_token']:.3f} bits/token); "
-            f"saved to {output_dir} in {time.perf_counter() - started:.0f} s"
+            f"loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, "
+            f"{summary['eval_bits_per_token']:.3f} bits/token); saved to {output_dir} in {time.perf_counter() - started:.0f} s"
         )
     return summary
 

@@ -261,7 +261,7 @@ def test_functions_the_target_cannot_compute_are_refused(tmp_path, mamba_ssm_ckp
     gelu = make_mamba()
     gelu.config.hidden_act = "gelu"
     gelu.save_pretrained(tmp_path / "gelu")
-    with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
+    with pytest.raises(ValueError, match="hidden_act.*gelu"):
         convert(tmp_path / "gelu", tmp_path / "out")
 
     eps = make_mamba()
@@ -332,6 +332,7 @@ def test_model_card_of_a_conversion_into_the_current_folder(tmp_path, mamba_ssm_
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     convert(src, ".")
+    assert "README.md" in os.listdir(".")  # the current folder itself was written, not replaced
     card = (tmp_path / "here" / "README.md").read_text()
     assert 'from_pretrained("here"' in card and "hmamba convert" in card and ".tmp-" not in card
 
@@ -354,10 +355,14 @@ def test_failed_runs_leave_no_new_folders_and_sigterm_unwinds(tmp_path, mamba_ss
 
     def killed(*args, **kwargs):
         real_save(*args, **kwargs)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # else the kill ends pytest itself
         os.kill(os.getpid(), signal.SIGTERM)  # `kill`, `timeout`, a scheduler ending the job mid-write
 
     monkeypatch.setattr(conv, "save_hmamba", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    if before != signal.SIG_DFL:
+        pytest.skip("the test runner handles SIGTERM itself; hmamba leaves a caller's handler alone")
     with pytest.raises(SystemExit) as exit_:
         main(["convert", str(src), str(tmp_path / "out")])
     assert exit_.value.code == 143 and sorted(os.listdir(tmp_path)) == ["mamba_ssm"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after the command

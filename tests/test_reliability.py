@@ -297,6 +297,25 @@ def test_interrupted_export_leaves_the_previous_output(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["exported", "flat"]
 
 
+def test_an_interrupt_between_the_swap_renames_puts_the_previous_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # OUT is moved aside, the new folder not yet in: SIGTERM or Ctrl-C lands here
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("second")
+    monkeypatch.undo()
+    assert (out / "a.txt").read_text() == "first" and os.listdir(tmp_path) == ["run"]
+
+
 def test_atomic_output_dir_and_atomic_write(tmp_path):
     out = tmp_path / "run"
     with atomic_output_dir(out) as tmp:

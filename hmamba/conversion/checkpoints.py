@@ -24,15 +24,16 @@ from ..data import load_tokenizer
 from ..hub import HUB_ID, write_model_card
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
-                             r"added_tokens\.json|generation_config\.json)$")
+                             r"added_tokens\.json)$")
+GENERATION_CONFIG = "generation_config.json"  # copied with the tokenizer files: its ids are the source's
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
 STACK_KEY = re.compile(r"^backbone\.(low_layers|high_layers|out_layers)\.(\d+)\.(.+)$")
 # fields that mean the same in transformers' MambaConfig and HMambaConfig
-SHARED_CONFIG_KEYS = ("vocab_size", "hidden_size", "state_size", "conv_kernel", "expand", "time_step_rank",
-                      "use_conv_bias", "use_bias", "residual_in_fp32", "layer_norm_epsilon", "time_step_scale",
-                      "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor", "pad_token_id",
-                      "bos_token_id", "eos_token_id")
+SHARED_CONFIG_KEYS = ("vocab_size", "hidden_size", "hidden_act", "state_size", "conv_kernel", "expand",
+                      "time_step_rank", "use_conv_bias", "use_bias", "residual_in_fp32", "layer_norm_epsilon",
+                      "time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor",
+                      "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 class CheckpointError(ValueError):
@@ -57,7 +58,7 @@ def stack_key(config, i, name):
 
 def read_json(path):
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; download it again") from e
 
@@ -154,8 +155,8 @@ def read_mamba(folder):
         else:
             rest[key] = tensor
     if embedding_key not in rest and embedding_key.removeprefix("backbone.") in state:
-        raise CheckpointError(f"{folder} holds a Mamba without its LM head (keys lack 'backbone.', as "
-                              "MambaModel.save_pretrained writes them): convert a MambaForCausalLM checkpoint")
+        raise CheckpointError(f"{folder} holds a MambaModel (its keys lack the 'backbone.' prefix): convert a "
+                              "MambaForCausalLM checkpoint (MambaForCausalLM.from_pretrained(folder).save_pretrained)")
     for name in (embedding_key, "backbone.norm_f.weight"):
         if name not in rest:
             raise CheckpointError(f"{folder}: missing key {name} ({layout} layout)")
@@ -209,10 +210,10 @@ def _from_mamba_ssm_config(cfg):
 def _from_hf_config(cfg):
     from transformers import MambaConfig
 
-    hf = MambaConfig.from_dict(cfg)  # a field config.json leaves out takes transformers' default, as AutoConfig's
-    if hf.hidden_act != "silu":
-        raise CheckpointError(f"hidden_act={hf.hidden_act!r}: HMamba's mixer uses SiLU (Mamba's), so the converted "
-                              "model would compute another function")
+    try:  # a field config.json leaves out takes transformers' default, as with AutoConfig
+        hf = MambaConfig.from_dict(cfg)
+    except Exception as e:  # noqa: BLE001  (transformers' strict config checks raise several kinds)
+        raise CheckpointError(f"the transformers Mamba config.json does not load: {e}") from e
     kwargs = {k: getattr(hf, k) for k in SHARED_CONFIG_KEYS}
     kwargs["num_layers"] = hf.num_hidden_layers
     kwargs["tie_word_embeddings"] = hf.tie_word_embeddings
@@ -270,7 +271,7 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
             tokenizer = load_tokenizer(tokenizer)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
-    out_name = Path(os.path.realpath(out)).name  # also for "."
+    out_name = Path(os.path.abspath(out)).name  # also for "."
     command = ["hmamba", "convert", str(src), out_name, "--low-layers", str(low_layers), "--out-layers",
                str(out_layers), "--chunk-size", str(chunk_size), "--pooling", pooling]
     command += ["--dtype", dtype] if dtype else []
@@ -285,9 +286,8 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
 
     with atomic_output_dir(out, overwrite) as tmp:
         files = save_hmamba(config, state, tmp, torch_dtype=target)
-        for f in sorted(folder.iterdir()):  # --tokenizer replaces the source's tokenizer, not its generation config
-            keep = tokenizer is None or f.name == "generation_config.json"
-            if TOKENIZER_FILES.match(f.name) and f.is_file() and keep:
+        for f in sorted(folder.iterdir()):  # --tokenizer replaces the source's tokenizer files
+            if f.is_file() and (f.name == GENERATION_CONFIG or tokenizer is None and TOKENIZER_FILES.match(f.name)):
                 shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -368,7 +368,8 @@ def export(src, out, layout="hf", overwrite=False):
         else:
             _write_mamba_ssm(config, layers, embedding, norm_f, lm_head, tmp)
         for f in sorted(folder.iterdir()):
-            if TOKENIZER_FILES.match(f.name) and f.is_file() and not (tmp / f.name).exists():
+            wanted = TOKENIZER_FILES.match(f.name) or f.name == GENERATION_CONFIG
+            if wanted and f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
         files = sorted(p.name for p in tmp.iterdir())
     return dict(source=str(src), out=str(out), layout=layout, layers=config.num_hidden_layers, files=files,

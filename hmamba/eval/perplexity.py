@@ -82,7 +82,7 @@ def text_perplexity(model, tokenizer, text, max_length=1024, strides=(512,), seg
     """Perplexity of a text: the exact recurrent number, then one sliding-window row per stride. Each row has
     method, tokens, nll, perplexity, bits_per_byte and seconds. bits_per_byte is the mean nats of a scored token
     / ln 2 over the text's UTF-8 bytes per token, so rows that leave different tokens unscored (a window's first
-    token when stride == max_length) compare; over every token it is the total bits over the text's bytes."""
+    token when stride == max_length) compare: each row's mean cost extrapolated to every token of the text."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     nbytes = len(text.encode("utf-8"))
     runs = [("exact (state carried across segments)", lambda: perplexity(model, ids, segment_length))]
