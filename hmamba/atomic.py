@@ -1,10 +1,10 @@
 """Atomic writers: every file or folder hmamba writes appears whole or not at all.
 
 Write into a temporary path beside the target (or, for a folder that is kept, inside it) and rename into place
-once complete (a rename within one filesystem is atomic), so an error, Ctrl-C or kill mid-write leaves the previous output intact and no partial
-file behind. `atomic_dir` itself lives in modeling_hmamba.py because save_pretrained of the trust_remote_code
-file needs it there; this module is the one import for the rest of the package (convert, export, training
-checkpoints, eval results).
+once complete (a rename within one filesystem is atomic), so an error, Ctrl-C or kill mid-write leaves the
+previous output intact and no partial file behind. `atomic_dir` itself lives in modeling_hmamba.py because
+save_pretrained of the trust_remote_code file needs it there; this module is the one import for the rest of the
+package (convert, export, training checkpoints, eval results).
 """
 
 import json

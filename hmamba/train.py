@@ -329,7 +329,8 @@ def train(
             + (f" (resumed at step {first_step})" if first_step else "")
             + f"; {summary['train_seconds']:.0f} s of training ({summary['tokens_per_second']:.0f} tokens/s); held-out "
             f"loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, "
-            f"{summary['eval_bits_per_token']:.3f} bits/token); saved to {output_dir} in {time.perf_counter() - started:.0f} s"
+            f"{summary['eval_bits_per_token']:.3f} bits/token); saved to {output_dir} in "
+            f"{time.perf_counter() - started:.0f} s"
         )
     return summary
 

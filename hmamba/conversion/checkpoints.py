@@ -285,7 +285,7 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     state = {k: v.to(target) for k, v in state.items()}
 
     with atomic_output_dir(out, overwrite) as tmp:
-        files = save_hmamba(config, state, tmp, torch_dtype=target)
+        save_hmamba(config, state, tmp, torch_dtype=target)
         for f in sorted(folder.iterdir()):  # --tokenizer replaces the source's tokenizer files
             if f.is_file() and (f.name == GENERATION_CONFIG or tokenizer is None and TOKENIZER_FILES.match(f.name)):
                 shutil.copy2(f, tmp / f.name)
@@ -322,7 +322,6 @@ def save_hmamba(config, state, folder, torch_dtype=torch.float32):
     model.tie_weights()
     model.config.dtype = torch_dtype
     model.save_pretrained(folder)
-    return sorted(os.listdir(folder))
 
 
 # ---------------------------------------------------------------------------------------------------------
