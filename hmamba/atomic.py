@@ -23,8 +23,13 @@ def atomic_output_dir(out, overwrite=False):
     """Yield a temporary folder (a Path) that becomes OUT when the block completes. A non-empty OUT is refused
     unless overwrite; then the previous OUT survives until the new one is whole, and is replaced entirely."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite")
+        real, cwd = os.path.realpath(out), os.path.realpath(os.getcwd())
+        if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+            raise FileExistsError(f"{out} holds the current folder: replacing it would leave this shell in a deleted "
+                                  "folder. Run from outside it, or write to another folder")
     with atomic_dir(out, replace=True) as tmp:
         yield Path(tmp)
 

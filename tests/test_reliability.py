@@ -316,6 +316,21 @@ def test_an_interrupt_between_the_swap_renames_puts_the_previous_output_back(tmp
     assert (out / "a.txt").read_text() == "first" and os.listdir(tmp_path) == ["run"]
 
 
+def test_overwriting_the_folder_the_shell_is_in_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.txt").write_text("first")
+    for cwd in (out, out / "sub"):  # `hmamba convert SRC . --overwrite`, or from a folder inside OUT
+        monkeypatch.chdir(cwd)
+        with pytest.raises(FileExistsError, match="holds the current folder"), atomic_output_dir(out, overwrite=True):
+            pass
+        assert os.getcwd() == os.path.realpath(cwd) and (out / "a.txt").read_text() == "first"
+    monkeypatch.chdir(tmp_path)  # from outside it, OUT is replaced
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("second")
+    assert os.listdir(out) == ["a.txt"]
+
+
 def test_atomic_output_dir_and_atomic_write(tmp_path):
     out = tmp_path / "run"
     with atomic_output_dir(out) as tmp:
