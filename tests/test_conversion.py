@@ -309,11 +309,18 @@ def test_tokenizer_replaces_the_sources_and_defaults_follow_out_layers(tmp_path,
 
     _, _, src = mamba_ssm_ckpt
     (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": "SRC_EOS"}))
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "pad_token_id": 1, "bos_token_id": 0,
+                                                            "max_length": 77}))
     default_tokenizer().save_pretrained(tmp_path / "tok")
     summary = convert(src, tmp_path / "out", out_layers=2, tokenizer=str(tmp_path / "tok"))
     assert summary["layers"] == {"low": 1, "high": 1, "out": 2}  # default L: half of those not in out
     assert "special_tokens_map.json" not in summary["files"]
     assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "</s>"
+    # the special-token ids are the new tokenizer's (eos 1, pad 0, no bos), not the source's (eos 0, pad 1, bos 0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for ids in (model.config, model.generation_config):
+        assert (ids.eos_token_id, ids.pad_token_id, ids.bos_token_id) == (1, 0, None)
+    assert model.generation_config.max_length == 77  # the rest of the source's generation config stays
 
     assert main(["convert", str(src), str(tmp_path / "flat"), "--low-layers", "3", "--out-layers", "1",
                  "--chunk-size", "4"]) == 0  # no H layers: exact, whatever the chunk size

@@ -25,7 +25,8 @@ from ..hub import HUB_ID, write_model_card
 
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
                              r"added_tokens\.json)$")
-GENERATION_CONFIG = "generation_config.json"  # copied with the tokenizer files: its ids are the source's
+GENERATION_CONFIG = "generation_config.json"  # copied with the tokenizer files, its ids those of the tokenizer
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
 STACK_KEY = re.compile(r"^backbone\.(low_layers|high_layers|out_layers)\.(\d+)\.(.+)$")
@@ -261,16 +262,18 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
         )
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    config = HMambaConfig(
-        **kwargs, num_low_layers=low_layers, num_high_layers=n - low_layers - out_layers, num_out_layers=out_layers,
-        chunk_size=chunk_size, pooling=pooling,
-    )
-    target = DTYPES[dtype] if dtype else embedding.dtype
+    token_ids = {}  # the special-token ids of config.json and generation_config.json
     if tokenizer is not None:
         try:
             tokenizer = load_tokenizer(tokenizer)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
+        token_ids = {k: getattr(tokenizer, k) for k in TOKEN_IDS}  # the source's describe its own tokenizer
+    config = HMambaConfig(
+        **{**kwargs, **token_ids}, num_low_layers=low_layers, num_high_layers=n - low_layers - out_layers,
+        num_out_layers=out_layers, chunk_size=chunk_size, pooling=pooling,
+    )
+    target = DTYPES[dtype] if dtype else embedding.dtype
     out_name = Path(os.path.abspath(out)).name  # also for "."
     command = ["hmamba", "convert", str(src), out_name, "--low-layers", str(low_layers), "--out-layers",
                str(out_layers), "--chunk-size", str(chunk_size), "--pooling", pooling]
@@ -287,8 +290,11 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     with atomic_output_dir(out, overwrite) as tmp:
         save_hmamba(config, state, tmp, torch_dtype=target)
         for f in sorted(folder.iterdir()):  # --tokenizer replaces the source's tokenizer files
-            if f.is_file() and (f.name == GENERATION_CONFIG or tokenizer is None and TOKENIZER_FILES.match(f.name)):
+            if f.is_file() and tokenizer is None and TOKENIZER_FILES.match(f.name):
                 shutil.copy2(f, tmp / f.name)
+        if (folder / GENERATION_CONFIG).is_file():
+            generation = {**read_json(folder / GENERATION_CONFIG), **token_ids}
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_model_card(tmp, base_model=base_model or (None if os.path.isdir(src) else str(src)),
