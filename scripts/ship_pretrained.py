@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hmamba.atomic import atomic_output_dir
-from hmamba.conversion.checkpoints import TOKENIZER_FILES
+from hmamba.conversion.checkpoints import TOKENIZER_FILE
 
 KEEP = ("model.safetensors", "generation_config.json")  # and every tokenizer file
 
@@ -21,7 +21,7 @@ KEEP = ("model.safetensors", "generation_config.json")  # and every tokenizer fi
 def ship(run_dir, name):
     run_dir, target = Path(run_dir), Path(__file__).parents[1] / "hmamba" / "pretrained" / name
     with atomic_output_dir(target, overwrite=True) as staging:
-        for file in KEEP + tuple(f.name for f in run_dir.iterdir() if f.is_file() and TOKENIZER_FILES.match(f.name)):
+        for file in KEEP + tuple(f.name for f in run_dir.iterdir() if f.is_file() and TOKENIZER_FILE.match(f.name)):
             shutil.copy(run_dir / file, staging / file)
             (staging / file).chmod(0o644)  # transformers writes model.safetensors private (0600)
         config = json.loads((run_dir / "config.json").read_text())

@@ -188,8 +188,8 @@ def test_convert_without_tokenizer_saves_locally_but_refuses_to_push(tmp_path, m
     capsys.readouterr()
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "b"), "--push-to-hub", "me/b"]) == 2
     err = capsys.readouterr().err
-    assert "hmamba convert: error:" in err and "lacks: tokenizer files" in err and "--tokenizer" in err
-    assert hub.commits == []
+    assert "hmamba convert: error:" in err and "has no tokenizer" in err and "--tokenizer" in err
+    assert hub.commits == [] and not (tmp_path / "b").exists()  # refused before converting
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "c"), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "c").exists()
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "d"), "--push-to-hub", "no-owner"]) == 2

@@ -23,7 +23,7 @@ from ..configuration_hmamba import HMambaConfig
 from ..data import load_tokenizer
 from ..hub import HUB_ID, write_model_card
 
-TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
+TOKENIZER_FILE = re.compile(r"^(tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
                              r"added_tokens\.json)$")
 GENERATION_CONFIG = "generation_config.json"  # copied with the tokenizer files, its ids those of the tokenizer
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -290,7 +290,7 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     with atomic_output_dir(out, overwrite) as tmp:
         save_hmamba(config, state, tmp, torch_dtype=target)
         for f in sorted(folder.iterdir()):  # --tokenizer replaces the source's tokenizer files
-            if f.is_file() and tokenizer is None and TOKENIZER_FILES.match(f.name):
+            if f.is_file() and tokenizer is None and TOKENIZER_FILE.match(f.name):
                 shutil.copy2(f, tmp / f.name)
         if (folder / GENERATION_CONFIG).is_file():
             generation = {**read_json(folder / GENERATION_CONFIG), **token_ids}
@@ -373,7 +373,7 @@ def export(src, out, layout="hf", overwrite=False):
         else:
             _write_mamba_ssm(config, layers, embedding, norm_f, lm_head, tmp)
         for f in sorted(folder.iterdir()):
-            wanted = TOKENIZER_FILES.match(f.name) or f.name == GENERATION_CONFIG
+            wanted = TOKENIZER_FILE.match(f.name) or f.name == GENERATION_CONFIG
             if wanted and f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
         files = sorted(p.name for p in tmp.iterdir())

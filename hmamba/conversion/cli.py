@@ -1,5 +1,7 @@
 """argparse front ends of `hmamba convert` and `hmamba export`."""
 
+import os
+
 
 def add_convert(sub):
     p = sub.add_parser(
@@ -31,11 +33,14 @@ def add_convert(sub):
 
 
 def _convert(args):
-    from ..hub import check_repo_id, push_folder_to_hub
+    from ..hub import TOKENIZER_FILES, check_repo_id, push_folder_to_hub
     from .checkpoints import convert, format_summary
 
-    if args.push_to_hub:
-        check_repo_id(args.push_to_hub)  # before the conversion's work
+    if args.push_to_hub:  # checked before the conversion's work (a Hub SRC's files only after its download)
+        check_repo_id(args.push_to_hub)
+        if args.tokenizer is None and os.path.isdir(args.src) and not set(TOKENIZER_FILES) & set(os.listdir(args.src)):
+            raise ValueError(f"{args.src} has no tokenizer ({' or '.join(TOKENIZER_FILES)}) to upload with the model: "
+                             "pass --tokenizer (state-spaces/mamba-* use EleutherAI/gpt-neox-20b)")
     summary = convert(args.src, args.out, low_layers=args.low_layers, out_layers=args.out_layers,
                       chunk_size=args.chunk_size, pooling=args.pooling, dtype=args.dtype, overwrite=args.overwrite,
                       tokenizer=args.tokenizer, base_model=args.base_model, repo_id=args.push_to_hub)
