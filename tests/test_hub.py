@@ -10,11 +10,12 @@ import pytest
 import torch
 import transformers
 import yaml
-from transformers import ByT5Tokenizer, pipeline
+from transformers import pipeline
 
 import hmamba
 from hmamba import modeling_hmamba
 from hmamba.cli import main
+from hmamba.data import default_tokenizer
 from hmamba.hub import check_hub_folder, push_folder_to_hub, push_to_hub, write_model_card
 
 from conftest import run_script, tiny_model
@@ -93,7 +94,7 @@ def test_model_push_to_hub_uploads_a_loadable_repo(hub):
 
 
 def byte_model_and_tokenizer():
-    return tiny_model(vocab_size=259, chunk_size=3, pooling="mean"), ByT5Tokenizer(extra_ids=0)
+    return tiny_model(vocab_size=259, chunk_size=3, pooling="mean"), default_tokenizer()  # the shipped byte tokenizer
 
 
 def test_push_to_hub_uploads_complete_folder_with_card(hub):
@@ -104,7 +105,7 @@ def test_push_to_hub_uploads_complete_folder_with_card(hub):
     assert commit.commit_url.startswith("https://huggingface.co/me/tiny-hmamba/")
     assert hub.created == [("me/tiny-hmamba", {"private": True, "token": None, "exist_ok": True})]
     [(repo, files, kwargs)] = hub.commits
-    assert set(files) == SAVED_FILES | {"README.md", "tokenizer_config.json"}
+    assert set(files) == SAVED_FILES | {"README.md", "tokenizer.json", "tokenizer_config.json"}
     assert kwargs["commit_message"] == "Upload HMamba model"
 
     metadata, card = front_matter(hub.repos[repo] / "README.md")
@@ -160,7 +161,7 @@ def test_incomplete_folders_are_not_uploaded(tmp_path, hub):
 @pytest.fixture
 def mamba_ssm_source(tmp_path):
     write_mamba_ssm(make_mamba(), tmp_path / "src", vocab=61)  # state-spaces layout: no tokenizer files
-    ByT5Tokenizer(extra_ids=0).save_pretrained(tmp_path / "tok")
+    default_tokenizer().save_pretrained(tmp_path / "tok")
     return tmp_path / "src"
 
 
@@ -171,7 +172,7 @@ def test_convert_writes_upload_ready_folder_and_pushes(tmp_path, mamba_ssm_sourc
     assert main(argv) == 0, capsys.readouterr().err
     assert "uploaded" in capsys.readouterr().out
     [(repo, files, _)] = hub.commits
-    assert repo == "me/mamba-h2" and files == sorted(SAVED_FILES | {"README.md", "tokenizer_config.json"})
+    assert repo == "me/mamba-h2" and files == sorted(SAVED_FILES | {"README.md", "tokenizer.json", "tokenizer_config.json"})
     assert files == check_hub_folder(out)
     metadata, card = front_matter(hub.repos[repo] / "README.md")
     assert metadata["base_model"] == "state-spaces/mamba-130m"
