@@ -19,6 +19,13 @@ def device_arg(text):
     return text
 
 
+def add_device_args(p):
+    """--device and --dtype, as every command that runs a model takes them."""
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32)")
+
+
 def _add_generate(sub):
     p = sub.add_parser(
         "generate",
@@ -39,9 +46,7 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling cut-off (with --do-sample)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32)")
+    add_device_args(p)
     p.set_defaults(func=_generate)
 
 

@@ -1,6 +1,6 @@
 """argparse front ends of `hmamba eval` and `hmamba bench`."""
 
-from ..cli import device_arg
+from ..cli import add_device_args
 from .harness import HUB_TASKS, OFFLINE_TAG
 
 
@@ -18,9 +18,7 @@ def add_eval(sub):
     p.add_argument("--model-type", default="hmamba", choices=["hmamba", "hf"],
                    help="lm-eval model: hmamba (HMambaLM) or hf (stock HFLM, trust_remote_code) (default: hmamba)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32)")
+    add_device_args(p)
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task: a count, or a fraction if < 1 (default: all; for quick checks only)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
@@ -84,9 +82,7 @@ def add_bench(sub):
     p.add_argument("--compile-decode", action="store_true",
                    help="also decode with each chunk size's one-token step compiled by torch.compile (model."
                    "compile_decode(); columns 'hmamba s=N compiled'; CPU needs a C++ compiler)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32)")
+    add_device_args(p)
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go (default: "
                    "bench-results)")
     p.set_defaults(func=_bench)
