@@ -61,11 +61,11 @@ def model_card(config, *, repo_id, base_model=None, datasets=None, command=None,
         made = f"Fine-tuned from [{base_model}](https://huggingface.co/{base_model}) on {_links(datasets)}."
     elif base_model:
         made = f"Converted from the pretrained Mamba [{base_model}](https://huggingface.co/{base_model})."
-        if c.chunk_size > 1 and c.num_high_layers:
+        if c.is_flat:
+            made += " It computes exactly what the original model computes (chunk_size 1, or no H layers)."
+        else:
             made += (f" With chunk_size {c.chunk_size} the H layers see one summary per chunk instead of every token, "
                      "which their pretrained weights never saw: fine-tune before use.")
-        else:
-            made += " With chunk_size 1 it computes exactly what the original model computes."
     elif datasets:
         made = f"Trained from scratch on {_links(datasets)}."
     else:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 from hmamba.cli import main
 from hmamba.conversion import CheckpointError, convert, export, load_state_dict
+from hmamba.conversion.checkpoints import format_summary
 
 
 def make_mamba(d_model=16, n_layer=4, vocab=61, multiple=8, d_state=4, expand=2, d_conv=4, seed=0):
@@ -323,8 +324,12 @@ def test_tokenizer_replaces_the_sources_and_defaults_follow_out_layers(tmp_path,
     assert model.generation_config.max_length == 77  # the rest of the source's generation config stays
 
     assert main(["convert", str(src), str(tmp_path / "flat"), "--low-layers", "3", "--out-layers", "1",
-                 "--chunk-size", "4"]) == 0  # no H layers: exact, whatever the chunk size
-    assert "fine-tune before use" not in capsys.readouterr().out
+                 "--chunk-size", "4", "--base-model", "state-spaces/mamba-130m"]) == 0  # no H layers: exact
+    out = capsys.readouterr().out
+    assert "exact: True" in out and "fine-tune before use" not in out
+    card = (tmp_path / "flat" / "README.md").read_text()
+    assert "computes exactly what the original model computes" in card and "fine-tune" not in card
+    assert "exact: False" in format_summary(convert(src, tmp_path / "h4", chunk_size=4))
     assert main(["export", str(tmp_path / "flat"), str(tmp_path / "back")]) == 0
     untied = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4,
                                           tie_word_embeddings=False))

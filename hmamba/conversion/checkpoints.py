@@ -303,7 +303,7 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
     summary = dict(
         source=str(src), layout=layout, out=str(out), parameters=sum(t.numel() for t in state.values()),
         layers=dict(low=low_layers, high=config.num_high_layers, out=out_layers), chunk_size=chunk_size,
-        pooling=pooling, dtype=str(target).replace("torch.", ""), files=files,
+        pooling=pooling, dtype=str(target).replace("torch.", ""), exact=config.is_flat, files=files,
     )
     return summary
 
@@ -346,7 +346,7 @@ def export(src, out, layout="hf", overwrite=False):
     if cfg.get("model_type") != "hmamba":
         raise CheckpointError(f"{folder}/config.json has model_type={cfg.get('model_type')!r}, not 'hmamba'")
     config = HMambaConfig.from_pretrained(folder)
-    if config.chunk_size != 1 and config.num_high_layers > 0:
+    if not config.is_flat:
         raise CheckpointError(
             f"{folder} has chunk_size={config.chunk_size}: only chunk_size=1 is a flat Mamba and can be exported"
         )
@@ -415,7 +415,7 @@ def _write_mamba_ssm(config, layers, embedding, norm_f, lm_head, folder):
 def format_summary(summary):
     lines = [f"{k}: {v}" for k, v in summary.items() if k != "files"]
     lines.append(f"files: {', '.join(summary['files'])}")
-    if summary.get("chunk_size", 1) > 1 and summary["layers"]["high"] > 0:
+    if not summary.get("exact", True):
         lines.append(
             "note: chunk_size > 1 feeds the H layers chunk summaries instead of every token, which their "
             "pretrained weights never saw: fine-tune before use (hmamba train)."
