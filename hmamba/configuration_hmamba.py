@@ -122,7 +122,9 @@ class HMambaConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.pooling = pooling
         self.use_cache = use_cache
-        kwargs.pop("intermediate_size", None)  # derived from expand * hidden_size
+        intermediate_size = kwargs.pop("intermediate_size", None)  # derived: expand * hidden_size
+        _check("intermediate_size", intermediate_size, intermediate_size in (None, expand * hidden_size),
+               f"expand * hidden_size = {expand * hidden_size} (set expand instead; it is derived)")
         self.check()
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,

@@ -891,18 +891,22 @@ class HMambaModel(HMambaPreTrainedModel):
         return_dict=None,
         attention_mask=None,
         cache_params=None,  # the name of `cache` before transformers 5.24 (5.23's generate() passes it)
+        past_key_values=None,  # transformers' usual name of a cache (generate()'s outputs hold it under this name)
         **kwargs,
     ):
         config = self.config
-        cache = cache if cache is not None else cache_params
+        cache = next((c for c in (cache, cache_params, past_key_values) if c is not None), None)
         self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         if use_cache is None:  # by default no cache in training, nor for a right-padded batch (scoring)
             right_padded = attention_mask is not None and not bool(attention_mask[:, -1].all())
             use_cache = config.use_cache and not self.training and not right_padded
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if cache is not None:  # the backward would replay each block, advancing the cache a second time
+                raise ValueError("a cache cannot be used in a gradient-checkpointed forward that records gradients: "
+                                 "continue from a cache under torch.no_grad() (as generate() does) or in eval mode")
+            use_cache = False  # (without gradients nothing is replayed: generate() in training mode keeps its cache)
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         if cache is None and use_cache:
@@ -1012,8 +1016,8 @@ class HMambaModel(HMambaPreTrainedModel):
                 if output_hidden_states:
                     hidden.append(x_low + chunks.up(h - z))  # as the tokens see it after fusion
             x = x_low + chunks.up(h - z)  # fuse: x_L + up(H(z) - z)
-            if cache is not None:
-                cache.update.copy_(h[:, -1] - z[:, -1])  # chunks are right-aligned: the last slot is the latest
+            if cache is not None:  # chunks are right-aligned: the last slot is the latest (empty in rows without one)
+                cache.update.copy_((h[:, -1] - z[:, -1]) * chunks.chunk_mask[:, -1, None])
         elif output_hidden_states:
             hidden.extend([x_low] * len(self.high_layers))
         if cache is not None:
@@ -1072,6 +1076,7 @@ class HMambaModel(HMambaPreTrainedModel):
 
 class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+    _generate_mask_width = None  # the attention_mask width of the running generate() call (see generate)
 
     def __init__(self, config):
         super().__init__(config)
@@ -1096,7 +1101,8 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         continuing = cache is not None and cache.has_previous_state and kwargs.get("is_first_iteration")
         if continuing and kwargs.get("next_sequence_length") is None:
             inputs = input_ids if inputs_embeds is None else inputs_embeds
-            kwargs["next_sequence_length"] = self._unseen(cache, inputs.shape[1], attention_mask)
+            width = attention_mask.shape[1] if attention_mask is not None else self._generate_mask_width
+            kwargs["next_sequence_length"] = self._unseen(cache, inputs.shape[1], width)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, attention_mask=attention_mask, **kwargs
         )
@@ -1104,13 +1110,24 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = None  # new tokens are all real; positions live in the cache
         return model_inputs
 
+    def generate(self, *args, **kwargs):
+        # generate() drops an attention_mask without padding before it prepares the inputs, keeping its width only in
+        # its own copy of the generation config; the width tells whether an input that continues a cache is the whole
+        # sequence or only its new tokens (`_unseen`), so it is kept here for the call
+        mask = kwargs.get("attention_mask")
+        self._generate_mask_width = None if mask is None else mask.shape[-1]
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generate_mask_width = None
+
     @staticmethod
-    def _unseen(cache, length, attention_mask):
+    def _unseen(cache, length, mask_width):
         """How many of an input's `length` columns generate() feeds when it continues from a cache (None: all).
         transformers' rule for KV caches: an input as long as its mask (or without one) is the whole sequence, of which
         only the columns the cache has not seen are new (generate()'s own slicing skips recurrent caches); a mask
         longer than the input means the input holds only new tokens."""
-        if attention_mask is not None and attention_mask.shape[1] != length:
+        if mask_width is not None and mask_width != length:
             return None
         if length <= cache.length:
             raise ValueError(
@@ -1132,15 +1149,21 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         cache_params=None,  # the name of `cache` before transformers 5.24 (5.23's generate() passes it)
+        past_key_values=None,  # transformers' usual name of a cache (generate()'s outputs hold it under this name)
         **kwargs,
     ):
         r"""labels (B, T): shifted inside the model (labels = input_ids works), -100 is ignored.
         logits_to_keep: int k keeps the last k positions (0 = all), a 1-D tensor keeps those indices."""
+        if kwargs.get("output_attentions"):
+            raise ValueError("HMamba has no attention layers, so no attentions to output: drop output_attentions "
+                             "(output_hidden_states gives every layer's output)")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids,
             inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else cache_params,
+            cache=cache,
+            cache_params=cache_params,
+            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,

@@ -41,6 +41,10 @@ def test_multi_token_continuation_from_cache():
         first = model(ids[:, :7], use_cache=True)
         rest = model(ids[:, 7:], cache_params=first.cache_params, use_cache=True)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-4, rtol=0)
+    with torch.no_grad():  # under transformers' usual name, as generate()'s outputs hold the cache
+        first = model(ids[:, :7], use_cache=True)
+        rest = model(ids[:, 7:], past_key_values=first.cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4])
@@ -96,6 +100,45 @@ def test_generate_continues_from_the_cache_it_returned():
         model.generate(ids, attention_mask=mask, cache_params=prefilled, max_new_tokens=2)
 
 
+def test_generate_continues_an_unpadded_prompt_from_only_its_new_tokens():
+    # generate() drops an all-ones mask; its width still says that the input holds only the new tokens
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (1, 4))
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    first = model.generate(ids, max_new_tokens=2, **kwargs)  # the cache has seen 5 of its 6 tokens
+    for new in (first.sequences[:, -1:], torch.cat([first.sequences[:, -1:], torch.randint(2, 64, (1, 9))], 1)):
+        sequence = torch.cat([first.sequences[:, :-1], new], 1)  # more new tokens than the cache has seen, too
+        whole = model.generate(sequence, max_new_tokens=4, **kwargs)
+        first = model.generate(ids, max_new_tokens=2, **kwargs)
+        rest = model.generate(new, attention_mask=torch.ones_like(sequence), cache_params=first.past_key_values,
+                              max_new_tokens=4, **kwargs)
+        assert torch.equal(rest.sequences[:, new.shape[1]:], whole.sequences[:, sequence.shape[1]:])
+        torch.testing.assert_close(torch.stack(rest.scores), torch.stack(whole.scores), atol=1e-5, rtol=0)
+
+
+def test_generate_in_training_mode_with_gradient_checkpointing_keeps_its_cache():
+    model = tiny_model(chunk_size=3)
+    ids = torch.randint(2, 64, (2, 5))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
+                  output_logits=True)
+    expected = model.generate(ids, **kwargs)
+    model.train()
+    model.gradient_checkpointing_enable()
+    got = model.generate(ids, **kwargs)  # as RL loops do: a model in training mode, generating under no_grad
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cannot be used in a gradient-checkpointed forward"):
+        model(ids, cache_params=got.past_key_values)  # a backward would replay the steps and advance it twice
+    model(ids, labels=ids).loss.backward()  # training itself runs without a cache
+
+
+def test_output_attentions_is_refused_clearly():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="no attention layers"):
+        model.generate(torch.randint(2, 64, (1, 3)), max_new_tokens=2, pad_token_id=0, output_attentions=True,
+                       return_dict_in_generate=True)
+
+
 def test_cache_size_is_constant():
     model = tiny_model(chunk_size=4, pooling="mean")
     ids = torch.randint(2, 64, (1, 5))
@@ -110,9 +153,14 @@ def test_cache_size_is_constant():
     assert sizes[0] == sizes[1] > 0
 
 
-@pytest.mark.parametrize("chunk_size,pooling", [(3, "last"), (4, "mean"), (1, "last")])
-def test_left_padded_batch_equals_each_prompt_alone(chunk_size, pooling):
-    model = tiny_model(chunk_size=chunk_size, pooling=pooling)
+@pytest.mark.parametrize("chunk_size,pooling,use_bias", [(3, "last", False), (4, "mean", False), (1, "last", False),
+                                                       (5, "last", True)])
+def test_left_padded_batch_equals_each_prompt_alone(chunk_size, pooling, use_bias):
+    model = tiny_model(chunk_size=chunk_size, pooling=pooling, use_bias=use_bias)
+    with torch.no_grad():  # with biases, an empty chunk slot's H output is not zero (the 3-token row has none yet)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_()
     torch.manual_seed(1)
     prompts = [torch.randint(2, 64, (n,)) for n in (3, 8, 5, 11)]
     width = max(len(p) for p in prompts)
@@ -121,13 +169,16 @@ def test_left_padded_batch_equals_each_prompt_alone(chunk_size, pooling):
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
-    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    batched = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                  output_logits=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
     with torch.no_grad():
         padded_logits = model(ids, attention_mask=mask).logits
     for i, p in enumerate(prompts):
         alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
-        assert torch.equal(batched[i], alone[0, len(p):]), i
+        assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(p):]), i
+        torch.testing.assert_close(torch.stack(batched.logits)[:, i], torch.stack(alone.logits)[:, 0], atol=1e-5,
+                                   rtol=0)
         with torch.no_grad():
             alone_logits = model(p[None]).logits
         torch.testing.assert_close(padded_logits[i, width - len(p):], alone_logits[0], atol=1e-5, rtol=0)

@@ -23,10 +23,15 @@ from conftest import flat_mamba_to_hmamba, tiny_config, tiny_model
     ("pooling", "max", "pooling must be one of ('last', 'mean')"),
     ("hidden_size", 0, "hidden_size must be an integer >= 1"),
     ("time_step_rank", 0, "time_step_rank"),
+    ("intermediate_size", 100, "intermediate_size=100 is invalid: intermediate_size must be expand"),
 ])
 def test_config_rejects_invalid_values(field, value, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         tiny_config(**{field: value})
+
+
+def test_config_accepts_the_derived_intermediate_size():  # as a MambaConfig-style dict may hold it
+    assert tiny_config(intermediate_size=32).intermediate_size == 32
 
 
 def test_config_needs_a_layer():
