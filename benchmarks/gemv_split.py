@@ -8,6 +8,7 @@ the module, so their column shows only its dispatch overhead.
     python benchmarks/gemv_split.py
 """
 
+import argparse
 import statistics
 import time
 
@@ -43,4 +44,6 @@ def main(rounds=15):
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default: 15)")
+    main(parser.parse_args().rounds)

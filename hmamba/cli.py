@@ -19,6 +19,32 @@ def device_arg(text):
     return text
 
 
+def int_at_least(low):
+    """argparse type: an integer >= low (argparse shows its message, not a traceback later in the run)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text):
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
 def add_device_args(p):
     """--device and --dtype, as every command that runs a model takes them."""
     p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -40,10 +66,10 @@ def _add_generate(sub):
                    help="where to save the shipped model (default: a temporary folder, removed at the end)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for a left-padded batch (default: 'In the beginning')")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate per prompt (default: 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-k", type=int, default=50, help="top-k sampling cut-off (with --do-sample)")
+    p.add_argument("--top-k", type=int_at_least(1), default=50, help="top-k sampling cut-off (with --do-sample)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
     add_device_args(p)
@@ -104,6 +130,9 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # bad input, missing or unreadable files, an unreachable Hub
         print(f"hmamba {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs being written were removed on the way out (atomic writers)
+        print(f"\nhmamba {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if handle:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

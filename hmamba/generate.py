@@ -41,6 +41,8 @@ def pretrained_dir(name=PRETRAINED):
 def save_shipped_model(save_dir, name=PRETRAINED):
     """Copy the shipped model to `save_dir` with save_pretrained, which adds the code trust_remote_code loads
     (modeling_hmamba.py, configuration_hmamba.py, auto_map). Returns the files written."""
+    if os.path.isdir(save_dir) and os.listdir(save_dir):
+        raise FileExistsError(f"--save-dir {save_dir} is not empty: choose an empty or new folder")
     folder = pretrained_dir(name)
     HMambaForCausalLM.from_pretrained(folder).save_pretrained(save_dir)
     AutoTokenizer.from_pretrained(folder).save_pretrained(save_dir)
@@ -66,11 +68,42 @@ def held_out_blocks(tokenizer, block_size=256, max_blocks=16):
     return f"out-of-domain text, the end of Shakespeare's works ({max_blocks} blocks; `apt-get install bible-kjv` for the KJV held-out split)", blocks[:max_blocks]
 
 
+def check_model_source(model, hmamba=True):
+    """Refuse, before any work, a model argument that cannot load: a missing path, a file, a folder without
+    config.json or (hmamba=True) with another model's. A name that is no local folder is read as a Hub id, except
+    where its first part is a local folder (`runs/kjv` with a runs/ here: a mistyped path, not a Hub repo)."""
+    path = str(model)
+    if os.path.isdir(path):
+        config = Path(path) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        if hmamba and model_type != "hmamba":
+            raise ValueError(f"{path} holds a {model_type!r} model, not an HMamba: convert a Mamba checkpoint with "
+                             f"`hmamba convert {path} OUT` first")
+    elif os.path.exists(path):
+        raise ValueError(f"{path} is a file: pass the model's folder")
+    elif not HUB_ID.match(path):
+        raise FileNotFoundError(f"{path}: no such model folder (nor a Hub id such as owner/name)")
+    elif os.path.isdir(path.split("/")[0]):
+        raise FileNotFoundError(f"{path}: no such model folder (not read as a Hub id: {path.split('/')[0]}/ is a "
+                                "folder here)")
+
+
+def load_model(model, dtype="float32"):
+    """An HMamba from a folder or Hub id through AutoModelForCausalLM (trust_remote_code), or a clear error."""
+    check_model_source(model)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=True)
+    if net.config.model_type != "hmamba":  # a Hub id, checked once loaded
+        raise ValueError(f"{model} is a {net.config.model_type!r} model, not an HMamba: convert it with "
+                         f"`hmamba convert {model} OUT` first")
+    return net
+
+
 def load(model_path, device="cpu", dtype="float32", tokenizer=None):
     """Model and tokenizer (default: the model's) from folders or Hub ids, through the Auto classes."""
-    if not os.path.isdir(model_path) and not HUB_ID.match(str(model_path)):
-        raise FileNotFoundError(f"{model_path}: no such model folder (nor a Hub id such as user/name)")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), trust_remote_code=True)
+    model = load_model(model_path, dtype)
     tokenizer = load_tokenizer(tokenizer or model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -16,14 +16,16 @@ import shutil
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .atomic import atomic_write_json
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, load_tokenizer, pack, split_blocks
-from .generate import builtin_config
+from .generate import builtin_config, check_model_source, load_model
 from .hub import check_repo_id, write_model_card
 from .hub import push_to_hub as upload
 from .modeling_hmamba import HMambaForCausalLM
@@ -162,8 +164,9 @@ def build_model(model=None, config="tiny", config_overrides=None, tokenizer=None
     if model is not None:
         if config_overrides:
             raise ValueError("config overrides apply to a new model; a pretrained one keeps its own config")
+        check_model_source(model)  # before the tokenizer (whose error would point elsewhere)
         tokenizer = load_tokenizer(tokenizer or model)
-        return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True, dtype=dtype), tokenizer
+        return load_model(model, dtype), tokenizer
     tokenizer = load_tokenizer(tokenizer) if tokenizer else default_tokenizer()
     cfg = builtin_config(config) if not str(config).endswith(".json") else HMambaConfig.from_json_file(config)
     overrides = dict(config_overrides or {})
@@ -226,6 +229,18 @@ def train(
         raise ValueError("LoRA adapts a pretrained model: pass model (--model FOLDER or Hub id). Without one the "
                          "adapters would be trained on random weights (and, unmerged, saved without them)")
     saves_full_model = not lora or merge_lora
+    loggers = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    missing = [n for n in loggers if n in INTEGRATION_TO_CALLBACK and n not in get_available_reporting_integrations()]
+    if missing:  # (an unknown name gets TrainingArguments' own error)
+        raise ValueError(f"report_to {', '.join(missing)}: not installed here (pip install {' '.join(missing)})")
+    checkpoint = None
+    if resume:  # before loading data and model
+        checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
+    elif os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"{output_dir} is not empty: choose another folder, remove it, or pass --resume to "
+                              "continue the run it holds")
     if push_to_hub:
         check_repo_id(push_to_hub)  # before hours of training, not after
         if not saves_full_model:
@@ -277,9 +292,6 @@ def train(
             f"tokens; {net.num_parameters(only_trainable=True):,} of {net.num_parameters():,} parameters train"
             + (f" ({counts})" if counts else "")
         )
-    checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
     first_step = 0  # the step this call starts from
     if checkpoint:
         first_step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
@@ -321,9 +333,6 @@ def train(
                 f"loss {summary['eval_loss']:.4f} ({summary['eval_bits_per_token']:.3f} bits/token).",
             )
             write_model_card(output_dir, repo_id=push_to_hub, **card)
-            if push_to_hub:
-                commit = upload(trainer.model, tokenizer, push_to_hub, private=private, **card)
-                print(f"pushed to {commit.commit_url}")
         print(
             f"summary: {summary['steps']} steps, {summary['tokens_trained']:,} tokens"
             + (f" (resumed at step {first_step})" if first_step else "")
@@ -332,5 +341,13 @@ def train(
             f"{summary['eval_bits_per_token']:.3f} bits/token); saved to {output_dir} in "
             f"{time.perf_counter() - started:.0f} s"
         )
+        if push_to_hub:
+            try:
+                commit = upload(trainer.model, tokenizer, push_to_hub, private=private, **card)
+            except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors: many kinds)
+                raise ValueError(f"upload to {push_to_hub} failed ({type(e).__name__}: {e}); the model is saved in "
+                                 f"{output_dir}: upload it from there (`hf upload {push_to_hub} {output_dir}`, "
+                                 "without its checkpoint folders)") from e
+            print(f"pushed to {commit.commit_url}")
     return summary
 

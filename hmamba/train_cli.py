@@ -3,6 +3,8 @@
 import json
 import shlex
 
+from .cli import int_at_least, positive_float
+
 
 def _csv(value):
     return tuple(v for v in value.split(",") if v)
@@ -38,20 +40,20 @@ def add_train(sub):
                    help="override a config field of a new model, e.g. --set chunk_size=8 (repeatable; JSON values)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or Hub id (default: the model's, or a byte-level one for a new model)")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per training block (default: 256)")
-    p.add_argument("--eval-fraction", type=float, default=0.01,
+    p.add_argument("--block-size", type=int_at_least(1), default=256, help="tokens per training block (default: 256)")
+    p.add_argument("--eval-fraction", type=positive_float, default=0.01,
                    help="fraction of blocks, taken from the end of the text, held out (default: 0.01)")
-    p.add_argument("--max-eval-blocks", type=int, default=None, help="cap on held-out blocks (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per device per step (default: 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine schedule (default: 2e-3)")
+    p.add_argument("--max-eval-blocks", type=int_at_least(1), default=None, help="cap on held-out blocks (default: all)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="blocks per device per step (default: 8)")
+    p.add_argument("--grad-accum", type=int_at_least(1), default=1, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate, cosine schedule (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (default: 5%% of --max-steps)")
-    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default: 200)")
-    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
-    p.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: only at the end)")
-    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: no checkpoints)")
-    p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default: 2)")
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=None, help="warm-up steps (default: 5%% of --max-steps)")
+    p.add_argument("--max-steps", type=int_at_least(1), default=200, help="optimizer steps (default: 200)")
+    p.add_argument("--logging-steps", type=int_at_least(1), default=10, help="log the loss every N steps (default: 10)")
+    p.add_argument("--eval-steps", type=int_at_least(1), default=None, help="evaluate every N steps (default: only at the end)")
+    p.add_argument("--save-steps", type=int_at_least(1), default=None, help="checkpoint every N steps (default: no checkpoints)")
+    p.add_argument("--save-total-limit", type=int_at_least(1), default=2, help="checkpoints to keep (default: 2)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or GPU)")
@@ -62,8 +64,8 @@ def add_train(sub):
                    help="freeze these groups, comma-separated from embeddings,low,high,out,norm_f")
     p.add_argument("--lora", action="store_true",
                    help="train LoRA adapters on in_proj/x_proj/dt_proj/out_proj of --model (required)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default: 16)")
+    p.add_argument("--lora-r", type=int_at_least(1), default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--lora-alpha", type=int_at_least(1), default=16, help="LoRA alpha (default: 16)")
     p.add_argument("--lora-stacks", type=_csv, default=("low", "high", "out"), metavar="STACKS",
                    help="stacks to adapt, comma-separated from low,high,out (default: all)")
     p.add_argument("--merge-lora", action="store_true", help="save the merged model instead of the adapters")

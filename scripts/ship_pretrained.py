@@ -7,9 +7,9 @@ writes the .py files again when the model is saved for sharing).
     python scripts/ship_pretrained.py runs/kjv kjv-small
 """
 
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from hmamba.atomic import atomic_output_dir
@@ -34,4 +34,8 @@ def ship(run_dir, name):
 
 
 if __name__ == "__main__":
-    ship(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a finished `hmamba train` output folder")
+    parser.add_argument("name", help="the shipped model's name: hmamba/pretrained/NAME is replaced")
+    args = parser.parse_args()
+    ship(args.run_dir, args.name)

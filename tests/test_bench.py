@@ -1,6 +1,8 @@
 """`hmamba bench`: the models it compares share weights, its FLOP and memory accounting, and the report files."""
 
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -109,6 +111,21 @@ def test_bench_bad_input(tmp_path, capsys):
     assert "two or more" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--lengths", "x"])
+    assert main(["bench", "--quick", "--only", "", "--out-dir", str(tmp_path)]) == 2
+    assert "no sections to run" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--quick", "--out-dir", str(tmp_path / "file")]) == 2  # refused before the run
+    err = capsys.readouterr()
+    assert "--out-dir" in err.err and "is a file" in err.err and "prefill" not in err.out
+
+
+def test_bench_without_matplotlib_writes_the_json(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    logged = []
+    result = run(out_dir=tmp_path, preset="quick", sections=("prefill",), log=lambda *a, **k: logged.append(a[0]))
+    assert result["png"] is None and os.listdir(tmp_path) == ["bench.json"]
+    assert any("matplotlib is not installed" in line for line in logged)
 
 
 def test_hierarchy_ratio_pairs_the_rounds():

@@ -181,7 +181,8 @@ def test_convert_writes_upload_ready_folder_and_pushes(tmp_path, mamba_ssm_sourc
     assert 'from_pretrained("me/mamba-h2"' in card and "fine-tune before use" in card
 
 
-def test_convert_without_tokenizer_saves_locally_but_refuses_to_push(tmp_path, mamba_ssm_source, hub, capsys):
+def test_convert_without_tokenizer_saves_locally_but_refuses_to_push(tmp_path, mamba_ssm_source, hub, capsys,
+                                                                     monkeypatch):
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "a")]) == 0
     metadata, card = front_matter(tmp_path / "a" / "README.md")
     assert "base_model" not in metadata and "exactly what the original model computes" not in card  # no base model
@@ -195,6 +196,19 @@ def test_convert_without_tokenizer_saves_locally_but_refuses_to_push(tmp_path, m
     assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "c").exists()
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "d"), "--push-to-hub", "no-owner"]) == 2
     assert "not a Hub repo id" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises offline: neither OSError nor RuntimeError
+        pass
+
+    def offline(self, repo_id, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", offline)
+    argv = ["convert", str(mamba_ssm_source), str(tmp_path / "e"), "--tokenizer", str(tmp_path / "tok"), "--push-to-hub",
+            "me/e"]
+    assert main(argv) == 2  # one line, not a traceback; the converted folder stays for `hf upload`
+    err = capsys.readouterr().err
+    assert "upload to me/e failed (ConnectError" in err and f"hf upload me/e {tmp_path / 'e'}" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval", reason="lm-eval (the hmamba[eval] extra) is not installed")
 
 from lm_eval.api.instance import Instance  # noqa: E402
-from transformers import ByT5Tokenizer  # noqa: E402
+from transformers import ByT5Tokenizer, MambaConfig, MambaForCausalLM  # noqa: E402
 
 from hmamba.cli import main  # noqa: E402
 from hmamba.eval.harness import evaluate, run  # noqa: E402
@@ -170,3 +170,10 @@ def test_bad_eval_input(model_dir, tmp_path, capsys):
         run(model_dir, text=str(tmp_path / "missing.txt"))
     assert main(["eval", model_dir, "--tasks", "hmamba_lastword", "--stride", "a,b"]) == 2
     assert "hmamba eval: error: --stride 'a,b'" in capsys.readouterr().err
+    with pytest.raises(IsADirectoryError, match="--output .* is a folder"):  # before the evaluation, not after
+        run(model_dir, tasks="hmamba_lastword", output=str(tmp_path))
+    MambaForCausalLM(MambaConfig(vocab_size=259, hidden_size=16, num_hidden_layers=2)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="holds a 'mamba' model, not an HMamba"):
+        run(str(tmp_path / "hf"), tasks="hmamba_lastword")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        run(str(tmp_path), tasks="hmamba_lastword", model_type="hf")  # stock HFLM takes any model, but a model

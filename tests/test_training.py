@@ -2,6 +2,7 @@
 freezing, PEFT LoRA, multi-process accelerate, the `hmamba train` CLI."""
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, MambaConfig, MambaForCausalLM
 
 from hmamba.cli import main as cli_main
 from hmamba.data import default_tokenizer, embedded_corpus, load_documents, pack, split_blocks
@@ -324,7 +325,7 @@ def test_cli_train(tmp_path, corpus, capsys):
     assert cli_main(["train", str(tmp_path / "bad"), "--data", str(tmp_path / "missing.txt")]) == 2
 
 
-def test_cli_errors_are_one_line_messages(tmp_path, capsys):
+def test_cli_errors_are_one_line_messages(tmp_path, capsys, monkeypatch):
     def error(argv):
         code = cli_main(argv)
         return code, capsys.readouterr().err
@@ -333,13 +334,46 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     capsys.readouterr()  # the save's progress bar
     assert error(["generate", "--model", str(tmp_path / "nope")]) == (
-        2, f"hmamba generate: error: {tmp_path / 'nope'}: no such model folder (nor a Hub id such as user/name)\n")
+        2, f"hmamba generate: error: {tmp_path / 'nope'}: no such model folder (nor a Hub id such as owner/name)\n")
     code, err = error(["generate", "--model", str(tmp_path / "no-tokenizer")])
     assert code == 2 and "cannot load a tokenizer from" in err and "Pass --tokenizer" in err
     code, err = error(["generate", "--model", str(tmp_path / "empty")])  # transformers' OSError: no config.json
     assert code == 2 and err.startswith("hmamba generate: error:") and "config.json" in err
     code, err = error(["train", str(tmp_path / "run"), "--set", "chunksize=4"])
     assert code == 2 and "--set chunksize: not a config field" in err and "chunk_size" in err
+
+    # refused before any work, leaving nothing behind
+    MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2)).save_pretrained(tmp_path / "hf")
+    for argv in (["generate", "--model", str(tmp_path / "hf")], ["train", str(tmp_path / "run"), "--model",
+                                                                 str(tmp_path / "hf"), "--tokenizer", "x"]):
+        code, err = error(argv)
+        assert code == 2 and "holds a 'mamba' model, not an HMamba" in err and "hmamba convert" in err
+    monkeypatch.chdir(tmp_path)  # `runs/kjv` where runs/ is a local folder: a mistyped path, not a Hub id to retry
+    (tmp_path / "runs").mkdir()
+    code, err = error(["generate", "--model", "runs/kjv"])
+    assert code == 2 and "runs/kjv: no such model folder (not read as a Hub id: runs/ is a folder here)" in err
+    code, err = error(["train", str(tmp_path / "runs"), "--resume"])
+    assert code == 2 and "no checkpoint-N folder" in err
+    code, err = error(["train", str(tmp_path / "no-tokenizer")])  # a folder with a model in it
+    assert code == 2 and "is not empty: choose another folder, remove it, or pass --resume" in err
+    code, err = error(["generate", "--save-dir", str(tmp_path / "no-tokenizer")])
+    assert code == 2 and "--save-dir" in err and "is not empty" in err
+    if importlib.util.find_spec("wandb") is None:
+        code, err = error(["train", str(tmp_path / "w"), "--report-to", "wandb"])
+        assert code == 2 and "report_to wandb: not installed here (pip install wandb)" in err
+    assert sorted(os.listdir(tmp_path)) == ["empty", "hf", "no-tokenizer", "runs"] and os.listdir(tmp_path / "runs") == []
+    for argv, needle in ((["train", "out", "--block-size", "0"], "--block-size: 0 is below the minimum, 1"),
+                         (["train", "out", "--lr", "-1"], "--lr: -1.0 must be > 0"),
+                         (["generate", "--max-new-tokens", "0"], "--max-new-tokens: 0 is below the minimum, 1")):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hmamba.generate.run", interrupted)
+    assert error(["generate"]) == (130, "\nhmamba generate: interrupted\n")  # Ctrl-C: one line, no traceback
     bad_devices = [("foo", "is not a torch device")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA")])
     for device, needle in bad_devices:
         with pytest.raises(SystemExit) as exit_:
@@ -403,7 +437,7 @@ def test_hierarchy_vs_flat_example_runs_end_to_end(tmp_path, corpus):
     assert "| flat | 6/0/0 | 1 |" in (tmp_path / "results.md").read_text()
 
 
-def test_train_writes_a_model_card_and_pushes(tmp_path, corpus, hub):
+def test_train_writes_a_model_card_and_pushes(tmp_path, corpus, hub, monkeypatch, capsys):
     import yaml
 
     train(str(tmp_path / "run"), data=corpus, max_steps=2, push_to_hub="me/hmamba-shakespeare",
@@ -420,3 +454,14 @@ def test_train_writes_a_model_card_and_pushes(tmp_path, corpus, hub):
     with pytest.raises(ValueError, match="--merge-lora"):
         train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="me/x", model=str(tmp_path / "run"),
               lora=True, **dict(FAST, config_overrides=None))
+
+    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises offline: neither OSError nor RuntimeError
+        pass
+
+    def offline(self, repo_id, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", offline)
+    with pytest.raises(ValueError, match=r"upload to me/y failed \(ConnectError: .*the model is saved in .*hf upload"):
+        train(str(tmp_path / "y"), data=corpus, max_steps=1, push_to_hub="me/y", **FAST)
+    assert "summary: 1 steps" in capsys.readouterr().out and (tmp_path / "y" / "model.safetensors").exists()

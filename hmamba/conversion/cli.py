@@ -48,7 +48,7 @@ def _convert(args):
     if args.push_to_hub:
         try:
             commit = push_folder_to_hub(args.out, args.push_to_hub, private=args.private)
-        except (OSError, RuntimeError) as e:  # huggingface_hub's HTTP, auth and offline errors
+        except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors: many kinds)
             raise ValueError(f"upload to {args.push_to_hub} failed ({type(e).__name__}: {e}); {args.out} is complete: "
                              f"retry with `hf upload {args.push_to_hub} {args.out}`") from e
         print(f"uploaded {args.out} to https://huggingface.co/{args.push_to_hub}: {commit.commit_url}")

@@ -11,6 +11,7 @@ joins when it imports. Ratios are throughput over the anchor's (> 1: faster than
 
 import ctypes
 import gc
+import importlib.util
 import math
 import os
 import platform
@@ -304,6 +305,10 @@ class Bench:
             raise ValueError(f"decode_tokens needs two or more positive counts, got {p['decode_tokens']}")
         if not all(v >= 1 for k in ("lengths", "batch_sizes", "train_lengths", "chunk_sizes") for v in p[k]):
             raise ValueError("lengths, batch sizes and chunk sizes must be positive integers")
+        if p["repeat"] < 1:
+            raise ValueError(f"repeat must be >= 1 (timed rounds), got {p['repeat']}")
+        if not sections:
+            raise ValueError(f"no sections to run: choose from {','.join(SECTIONS)}")
         self.preset_name, self.p, self.sections, self.log = preset, p, tuple(sections), log
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.anchor_train_max, self.anchor_prefill_max = anchor_train_max, anchor_prefill_max
@@ -568,15 +573,23 @@ def plot(result, path):
 def run(out_dir="bench-results", log=print, **kwargs):
     """`hmamba bench`: run, print the tables, write OUT_DIR/bench.json and OUT_DIR/bench.png. Returns the
     result dict (with paths)."""
-    result = Bench(log=log, **kwargs).run()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # checked before the run, not after it
+        raise FileExistsError(f"--out-dir {out} is a file: give a folder for bench.json and bench.png")
+    bench = Bench(log=log, **kwargs)
+    draw = importlib.util.find_spec("matplotlib") is not None
+    if not draw:
+        log("matplotlib is not installed: bench.png will not be drawn (pip install 'hmamba[eval]')", flush=True)
+    result = bench.run()
     out.mkdir(parents=True, exist_ok=True)
     tables = format_tables(result)
     log(tables, flush=True)
     result["tables"] = tables
-    json_path, png_path = out / "bench.json", out / "bench.png"
+    json_path = out / "bench.json"
     atomic_write_json(json_path, result)
-    plot(result, png_path)
-    log(f"summary: {len(result['records'])} measurements in {result['seconds']:.0f} s; wrote {json_path} and "
-        f"{png_path}", flush=True)
-    return dict(result, json=str(json_path), png=str(png_path))
+    png_path = out / "bench.png" if draw else None
+    if draw:
+        plot(result, png_path)
+    log(f"summary: {len(result['records'])} measurements in {result['seconds']:.0f} s; wrote {json_path}"
+        + (f" and {png_path}" if png_path else ""), flush=True)
+    return dict(result, json=str(json_path), png=str(png_path) if png_path else None)

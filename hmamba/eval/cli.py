@@ -1,6 +1,8 @@
 """argparse front ends of `hmamba eval` and `hmamba bench`."""
 
-from ..cli import add_device_args
+import argparse
+
+from ..cli import add_device_args, int_at_least, positive_float
 from .harness import HUB_TASKS, OFFLINE_TAG
 
 
@@ -17,13 +19,13 @@ def add_eval(sub):
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval task names (e.g. {OFFLINE_TAG})")
     p.add_argument("--model-type", default="hmamba", choices=["hmamba", "hf"],
                    help="lm-eval model: hmamba (HMambaLM) or hf (stock HFLM, trust_remote_code) (default: hmamba)")
-    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1, help="lm-eval batch size (default: 1)")
     add_device_args(p)
-    p.add_argument("--limit", type=float, default=None,
+    p.add_argument("--limit", type=positive_float, default=None,
                    help="documents per task: a count, or a fraction if < 1 (default: all; for quick checks only)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--text", default=None, help="UTF-8 text file whose perplexity to compute")
-    p.add_argument("--max-length", type=int, default=1024, help="sliding-window length in tokens (default: 1024)")
+    p.add_argument("--max-length", type=int_at_least(1), default=1024, help="sliding-window length in tokens (default: 1024)")
     p.add_argument("--stride", default="512",
                    help="sliding-window stride(s) in tokens, comma-separated for several rows (default: 512)")
     p.add_argument("--output", default=None, help="write the results as JSON here (atomically)")
@@ -47,7 +49,7 @@ def _ints(text):
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"{text!r}: expected integers separated by commas, e.g. 128,1024") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 128,1024") from None
 
 
 def add_bench(sub):
@@ -72,12 +74,12 @@ def add_bench(sub):
     p.add_argument("--decode-tokens", type=_ints, default=None,
                    help="generated-token counts (two or more) for decode latency and memory (default: preset)")
     p.add_argument("--train-lengths", type=_ints, default=None, help="training-step lengths (default: preset)")
-    p.add_argument("--anchor-train-max", type=int, default=512,
+    p.add_argument("--anchor-train-max", type=int_at_least(0), default=512,
                    help="longest T for the anchor's training step, whose backward is quadratic (default: 512)")
-    p.add_argument("--anchor-prefill-max", type=int, default=4096,
+    p.add_argument("--anchor-prefill-max", type=int_at_least(0), default=4096,
                    help="longest T for the anchor's prefill, 4x slower than HMamba's, and for HMamba's "
                         "generate()-style prefill (last-position logits; default: 4096)")
-    p.add_argument("--repeat", type=int, default=None,
+    p.add_argument("--repeat", type=int_at_least(1), default=None,
                    help="timed rounds after a warm-up; each round runs every model once, in turn (default: preset)")
     p.add_argument("--compile-decode", action="store_true",
                    help="also decode with each chunk size's one-token step compiled by torch.compile (model."

@@ -1,6 +1,7 @@
 """`hmamba eval`: the lm-eval harness on an HMamba checkpoint, offline tasks shipped in the package, and
 sliding-window perplexity of a text file. Importing this module does not import lm-eval."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -78,10 +79,18 @@ def run(model, tasks=None, text=None, model_type="hmamba", batch_size=1, device=
         num_fewshot=None, max_length=1024, strides=(512,), output=None, tokenizer=None):
     """`hmamba eval`: lm-eval tasks and/or the perplexity of a text file; prints tables, writes
     {"model", "lm_eval", "perplexity"} as JSON (atomically) to `output`, returns the same dict."""
+    from ..generate import check_model_source
+
     if tasks is None and text is None:
         raise ValueError("nothing to evaluate: pass --tasks (e.g. hmamba_offline) and/or --text FILE")
     if text is not None and not os.path.isfile(text):
         raise FileNotFoundError(f"--text {text}: no such file")
+    if output is not None and os.path.isdir(output):
+        raise IsADirectoryError(f"--output {output} is a folder: give the JSON file's path, e.g. "
+                                f"{os.path.join(output, 'results.json')}")
+    check_model_source(model, hmamba=model_type == "hmamba" or text is not None)  # stock HFLM runs any model
+    if tasks is not None and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--tasks runs the lm-eval harness, which is not installed: pip install 'hmamba[eval]'")
     report = {"model": str(model), "lm_eval": None, "perplexity": None}
     if tasks is not None:
         report["lm_eval"] = evaluate(model, tasks, model_type=model_type, batch_size=batch_size, device=device,
