@@ -69,7 +69,8 @@ def _add_generate(sub):
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate per prompt (default: 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-k", type=int_at_least(1), default=50, help="top-k sampling cut-off (with --do-sample)")
+    p.add_argument("--top-k", type=int_at_least(0), default=50,
+                   help="top-k sampling cut-off, 0 for none (with --do-sample; default: 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
     add_device_args(p)

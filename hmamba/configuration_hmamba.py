@@ -181,12 +181,6 @@ class HMambaConfig(PretrainedConfig):
         """All Mamba blocks: L-stack, H-stack and out layers."""
         return self.num_low_layers + self.num_high_layers + self.num_out_layers
 
-    @property
-    def is_flat(self):
-        """Whether this computes exactly a flat Mamba of num_hidden_layers blocks (chunk_size 1, or no H layers):
-        pretrained Mamba weights then give the original logits, and `hmamba export` can write it back."""
-        return self.chunk_size == 1 or self.num_high_layers == 0
-
     @num_hidden_layers.setter
     def num_hidden_layers(self, value):
         if value != self.num_hidden_layers:
@@ -195,6 +189,12 @@ class HMambaConfig(PretrainedConfig):
                 f"({self.num_low_layers} + {self.num_high_layers} + {self.num_out_layers} here); set those instead, "
                 "e.g. num_low_layers=2, num_high_layers=2."
             )
+
+    @property
+    def is_flat(self):
+        """Whether this computes exactly a flat Mamba of num_hidden_layers blocks (chunk_size 1, or no H layers):
+        pretrained Mamba weights then give the original logits, and `hmamba export` can write it back."""
+        return self.chunk_size == 1 or self.num_high_layers == 0
 
 
 __all__ = ["HMambaConfig"]

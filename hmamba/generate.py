@@ -75,6 +75,8 @@ def check_model_source(model, hmamba=True):
     path = str(model)
     if os.path.isdir(path):
         config = Path(path) / "config.json"
+        if (Path(path) / "adapter_config.json").is_file():  # PEFT adapters (train --lora): transformers loads the base
+            return
         if not config.is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")

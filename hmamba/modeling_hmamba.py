@@ -18,6 +18,7 @@ This file is self-contained (torch, transformers and configuration_hmamba only) 
 with `trust_remote_code=True` where the hmamba package is not installed.
 """
 
+import functools
 import math
 import os
 import re
@@ -1076,7 +1077,6 @@ class HMambaModel(HMambaPreTrainedModel):
 
 class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-    _generate_mask_width = None  # the attention_mask width of the running generate() call (see generate)
 
     def __init__(self, config):
         super().__init__(config)
@@ -1095,13 +1095,13 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
         return False  # the model builds its own HMambaCache (see its docstring)
 
     def prepare_inputs_for_generation(
-        self, input_ids, inputs_embeds=None, use_cache=None, attention_mask=None, **kwargs
+        self, input_ids, inputs_embeds=None, use_cache=None, attention_mask=None, mask_width=None, **kwargs
     ):  # inputs_embeds is named: generate(inputs_embeds=...) is refused for a model whose signature lacks it
         cache = kwargs.get("cache", kwargs.get("cache_params"))  # 5.24's name, 5.23's
         continuing = cache is not None and cache.has_previous_state and kwargs.get("is_first_iteration")
         if continuing and kwargs.get("next_sequence_length") is None:
             inputs = input_ids if inputs_embeds is None else inputs_embeds
-            width = attention_mask.shape[1] if attention_mask is not None else self._generate_mask_width
+            width = attention_mask.shape[1] if attention_mask is not None else mask_width
             kwargs["next_sequence_length"] = self._unseen(cache, inputs.shape[1], width)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, attention_mask=attention_mask, **kwargs
@@ -1110,16 +1110,14 @@ class HMambaForCausalLM(HMambaPreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = None  # new tokens are all real; positions live in the cache
         return model_inputs
 
+    @functools.wraps(GenerationMixin.generate)
     def generate(self, *args, **kwargs):
         # generate() drops an attention_mask without padding before it prepares the inputs, keeping its width only in
         # its own copy of the generation config; the width tells whether an input that continues a cache is the whole
-        # sequence or only its new tokens (`_unseen`), so it is kept here for the call
-        mask = kwargs.get("attention_mask")
-        self._generate_mask_width = None if mask is None else mask.shape[-1]
-        try:
-            return super().generate(*args, **kwargs)
-        finally:
-            self._generate_mask_width = None
+        # sequence or only its new tokens (`_unseen`), so it rides along as a model kwarg of the call
+        if kwargs.get("attention_mask") is not None:
+            kwargs.setdefault("mask_width", kwargs["attention_mask"].shape[-1])
+        return super().generate(*args, **kwargs)
 
     @staticmethod
     def _unseen(cache, length, mask_width):

@@ -18,14 +18,13 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.integrations import get_available_reporting_integrations
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .atomic import atomic_write_json
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, load_tokenizer, pack, split_blocks
-from .generate import builtin_config, check_model_source, load_model
+from .generate import builtin_config, load_model
 from .hub import check_repo_id, write_model_card
 from .hub import push_to_hub as upload
 from .modeling_hmamba import HMambaForCausalLM
@@ -33,6 +32,11 @@ from .modeling_hmamba import HMambaForCausalLM
 LORA_MODULES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 STACKS = {"low": "low_layers", "high": "high_layers", "out": "out_layers"}
 PARAMETER_GROUPS = ("embeddings", "low", "high", "out", "norm_f")
+STAGING = ".staging"  # where AtomicCheckpointTrainer writes a checkpoint before renaming it into place
+# Trainer loggers (report_to) whose absence transformers can detect, and the package that provides each
+REPORTERS = {"comet_ml": "comet_ml", "dagshub": "dagshub", "dvclive": "dvclive", "mlflow": "mlflow",
+             "neptune": "neptune", "tensorboard": "tensorboard", "wandb": "wandb", "codecarbon": "codecarbon",
+             "clearml": "clearml", "swanlab": "swanlab", "trackio": "trackio"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ class AtomicCheckpointTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, ".staging")
+        staging = os.path.join(run_dir, STAGING)
         name = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
@@ -164,9 +168,8 @@ def build_model(model=None, config="tiny", config_overrides=None, tokenizer=None
     if model is not None:
         if config_overrides:
             raise ValueError("config overrides apply to a new model; a pretrained one keeps its own config")
-        check_model_source(model)  # before the tokenizer (whose error would point elsewhere)
-        tokenizer = load_tokenizer(tokenizer or model)
-        return load_model(model, dtype), tokenizer
+        net = load_model(model, dtype)  # first: a wrong model is the error to report, not its missing tokenizer
+        return net, load_tokenizer(tokenizer or model)
     tokenizer = load_tokenizer(tokenizer) if tokenizer else default_tokenizer()
     cfg = builtin_config(config) if not str(config).endswith(".json") else HMambaConfig.from_json_file(config)
     overrides = dict(config_overrides or {})
@@ -230,15 +233,16 @@ def train(
                          "adapters would be trained on random weights (and, unmerged, saved without them)")
     saves_full_model = not lora or merge_lora
     loggers = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    missing = [n for n in loggers if n in INTEGRATION_TO_CALLBACK and n not in get_available_reporting_integrations()]
+    missing = [n for n in loggers if n in REPORTERS and n not in get_available_reporting_integrations()]
     if missing:  # (an unknown name gets TrainingArguments' own error)
-        raise ValueError(f"report_to {', '.join(missing)}: not installed here (pip install {' '.join(missing)})")
+        raise ValueError(f"report_to {', '.join(missing)}: not installed here (pip install "
+                         f"{' '.join(REPORTERS[n] for n in missing)})")
     checkpoint = None
     if resume:  # before loading data and model
         checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
-    elif os.path.isdir(output_dir) and os.listdir(output_dir):
+    elif os.path.isdir(output_dir) and set(os.listdir(output_dir)) - {STAGING}:  # (a killed save's leftovers go)
         raise FileExistsError(f"{output_dir} is not empty: choose another folder, remove it, or pass --resume to "
                               "continue the run it holds")
     if push_to_hub:
@@ -344,6 +348,8 @@ def train(
         if push_to_hub:
             try:
                 commit = upload(trainer.model, tokenizer, push_to_hub, private=private, **card)
+            except ValueError:  # a folder not ready for the Hub (check_hub_folder says what it lacks): no retry hint
+                raise
             except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors: many kinds)
                 raise ValueError(f"upload to {push_to_hub} failed ({type(e).__name__}: {e}); the model is saved in "
                                  f"{output_dir}: upload it from there (`hf upload {push_to_hub} {output_dir}`, "

@@ -53,7 +53,8 @@ def add_train(sub):
     p.add_argument("--logging-steps", type=int_at_least(1), default=10, help="log the loss every N steps (default: 10)")
     p.add_argument("--eval-steps", type=int_at_least(1), default=None, help="evaluate every N steps (default: only at the end)")
     p.add_argument("--save-steps", type=int_at_least(1), default=None, help="checkpoint every N steps (default: no checkpoints)")
-    p.add_argument("--save-total-limit", type=int_at_least(1), default=2, help="checkpoints to keep (default: 2)")
+    p.add_argument("--save-total-limit", type=int_at_least(0), default=2,
+                   help="checkpoints to keep, 0 for all (default: 2)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or GPU)")

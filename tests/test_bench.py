@@ -111,6 +111,8 @@ def test_bench_bad_input(tmp_path, capsys):
     assert "two or more" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--lengths", "x"])
+    with pytest.raises(ValueError, match="repeat must be >= 1"):
+        run(out_dir=tmp_path, preset="quick", repeat=0)
     assert main(["bench", "--quick", "--only", "", "--out-dir", str(tmp_path)]) == 2
     assert "no sections to run" in capsys.readouterr().err
     (tmp_path / "file").write_text("")

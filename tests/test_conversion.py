@@ -129,7 +129,7 @@ def test_export_round_trips_are_bit_identical(tmp_path, mamba_ssm_ckpt):
 def test_export_refuses_hierarchical_model(tmp_path, mamba_ssm_ckpt):
     _, _, src = mamba_ssm_ckpt
     convert(src, tmp_path / "h2", chunk_size=2)
-    with pytest.raises(CheckpointError, match="chunk_size=2: only chunk_size=1 is a flat Mamba"):
+    with pytest.raises(CheckpointError, match="chunk_size=2 and H layers: only chunk_size=1 .or no H layers. is a flat Mamba"):
         export(tmp_path / "h2", tmp_path / "flat")
     assert not (tmp_path / "flat").exists()
 
@@ -317,10 +317,11 @@ def test_tokenizer_replaces_the_sources_and_defaults_follow_out_layers(tmp_path,
     assert summary["layers"] == {"low": 1, "high": 1, "out": 2}  # default L: half of those not in out
     assert "special_tokens_map.json" not in summary["files"]
     assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "</s>"
-    # the special-token ids are the new tokenizer's (eos 1, pad 0, no bos), not the source's (eos 0, pad 1, bos 0)
+    # the special-token ids are the new tokenizer's (eos 1, pad 0), not the source's (eos 0, pad 1); it has no bos,
+    # so bos stays the source's
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for ids in (model.config, model.generation_config):
-        assert (ids.eos_token_id, ids.pad_token_id, ids.bos_token_id) == (1, 0, None)
+        assert (ids.eos_token_id, ids.pad_token_id, ids.bos_token_id) == (1, 0, 0)
     assert model.generation_config.max_length == 77  # the rest of the source's generation config stays
 
     assert main(["convert", str(src), str(tmp_path / "flat"), "--low-layers", "3", "--out-layers", "1",

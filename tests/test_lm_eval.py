@@ -1,6 +1,7 @@
 """lm-eval harness integration: `--model hmamba` and `--model hf` on HMamba checkpoints, batched requests equal
 one-at-a-time ones, the shipped offline tasks end to end, `hmamba eval`."""
 
+import importlib.util
 import json
 import math
 import os
@@ -161,7 +162,7 @@ def test_hub_tasks_offline_fail_naming_the_hub(model_dir):
         evaluate(model_dir, "lambada_openai,hellaswag,piqa,arc_easy,arc_challenge,winogrande")
 
 
-def test_bad_eval_input(model_dir, tmp_path, capsys):
+def test_bad_eval_input(model_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="unknown lm-eval task"):
         evaluate(model_dir, "no_such_task")
     with pytest.raises(ValueError, match="nothing to evaluate"):
@@ -170,6 +171,11 @@ def test_bad_eval_input(model_dir, tmp_path, capsys):
         run(model_dir, text=str(tmp_path / "missing.txt"))
     assert main(["eval", model_dir, "--tasks", "hmamba_lastword", "--stride", "a,b"]) == 2
     assert "hmamba eval: error: --stride 'a,b'" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(ValueError, match=r"lm-eval harness, which is not installed: pip install 'hmamba\[eval\]'"):
+        run(model_dir, tasks="hmamba_lastword")
+    monkeypatch.undo()
     with pytest.raises(IsADirectoryError, match="--output .* is a folder"):  # before the evaluation, not after
         run(model_dir, tasks="hmamba_lastword", output=str(tmp_path))
     MambaForCausalLM(MambaConfig(vocab_size=259, hidden_size=16, num_hidden_layers=2)).save_pretrained(tmp_path / "hf")

@@ -274,6 +274,7 @@ def test_every_lora_adapter_gets_a_gradient_and_changes_the_output(tmp_path):
 
 def test_train_with_lora_saves_adapters_or_the_merged_model(tmp_path, corpus):
     base = str(tmp_path / "base")
+    os.makedirs(os.path.join(base, ".staging", "checkpoint-9"))  # a killed save's leftovers: not a non-empty OUT
     train(base, data=corpus, max_steps=1, **FAST)
     lora = dict(FAST, config_overrides=None, model=base, lora=True)
     with pytest.raises(ValueError, match="LoRA adapts a pretrained model: pass model"):
@@ -283,6 +284,10 @@ def test_train_with_lora_saves_adapters_or_the_merged_model(tmp_path, corpus):
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert "low_layers" in config["target_modules"] and "high_layers" not in config["target_modules"]
     assert config["base_model_name_or_path"] == base
+    from hmamba.generate import load
+
+    adapted, _ = load(str(tmp_path / "adapters"))  # what `hmamba generate/eval --model ADAPTERS` loads
+    assert any("lora" in n for n in adapted.state_dict())
     summary = train(str(tmp_path / "merged"), data=corpus, max_steps=2, merge_lora=True, **lora)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     assert not any("lora" in n for n in model.state_dict())

@@ -268,7 +268,8 @@ def convert(src, out, low_layers=None, out_layers=0, chunk_size=1, pooling="last
             tokenizer = load_tokenizer(tokenizer)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
-        token_ids = {k: getattr(tokenizer, k) for k in TOKEN_IDS}  # the source's describe its own tokenizer
+        # the source's ids describe its own tokenizer; one this tokenizer lacks (GPT-NeoX: no pad) keeps the source's
+        token_ids = {k: getattr(tokenizer, k) for k in TOKEN_IDS if getattr(tokenizer, k) is not None}
     config = HMambaConfig(
         **{**kwargs, **token_ids}, num_low_layers=low_layers, num_high_layers=n - low_layers - out_layers,
         num_out_layers=out_layers, chunk_size=chunk_size, pooling=pooling,
@@ -348,7 +349,8 @@ def export(src, out, layout="hf", overwrite=False):
     config = HMambaConfig.from_pretrained(folder)
     if not config.is_flat:
         raise CheckpointError(
-            f"{folder} has chunk_size={config.chunk_size}: only chunk_size=1 is a flat Mamba and can be exported"
+            f"{folder} has chunk_size={config.chunk_size} and H layers: only chunk_size=1 (or no H layers) is a flat "
+            "Mamba and can be exported"
         )
     if layout not in ("hf", "mamba_ssm"):
         raise CheckpointError(f"--layout {layout!r} is not one of ('hf', 'mamba_ssm')")

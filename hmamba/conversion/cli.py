@@ -48,6 +48,8 @@ def _convert(args):
     if args.push_to_hub:
         try:
             commit = push_folder_to_hub(args.out, args.push_to_hub, private=args.private)
+        except ValueError:  # OUT is not ready for the Hub (check_hub_folder says what it lacks): no retry hint
+            raise
         except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors: many kinds)
             raise ValueError(f"upload to {args.push_to_hub} failed ({type(e).__name__}: {e}); {args.out} is complete: "
                              f"retry with `hf upload {args.push_to_hub} {args.out}`") from e
