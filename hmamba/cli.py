@@ -66,7 +66,8 @@ def _add_generate(sub):
                    help="where to save the shipped model (default: a temporary folder, removed at the end)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for a left-padded batch (default: 'In the beginning')")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64,
+                   help="tokens to generate per prompt (default: 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
     p.add_argument("--top-k", type=int_at_least(0), default=50,

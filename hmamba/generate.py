@@ -74,9 +74,9 @@ def check_model_source(model, hmamba=True):
     where its first part is a local folder (`runs/kjv` with a runs/ here: a mistyped path, not a Hub repo)."""
     path = str(model)
     if os.path.isdir(path):
-        config = Path(path) / "config.json"
         if (Path(path) / "adapter_config.json").is_file():  # PEFT adapters (train --lora): transformers loads the base
             return
+        config = Path(path) / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")

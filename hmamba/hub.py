@@ -177,19 +177,27 @@ def check_repo_id(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repo id: use OWNER/NAME, e.g. your-name/hmamba-130m")
 
 
+class UploadError(ValueError):
+    """The Hub refused or could not be reached (network, authentication, permissions): the folder was fine."""
+
+
 def push_folder_to_hub(folder, repo_id, *, private=False, token=None, commit_message="Upload HMamba model",
                        revision=None, create_pr=False):
     """Upload a complete HMamba folder (see check_hub_folder) to the model repo `repo_id` in one commit, creating
-    the repo if needed. Returns huggingface_hub's CommitInfo (its .commit_url links to the commit)."""
+    the repo if needed. Returns huggingface_hub's CommitInfo (its .commit_url links to the commit). A failure of
+    the upload itself raises UploadError naming what huggingface_hub raised."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     check_repo_id(repo_id)
     files = check_hub_folder(folder)
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(Path(folder) / f)) for f in files]
-    return api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision,
-                             create_pr=create_pr)
+    try:
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision,
+                                 create_pr=create_pr)
+    except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors are of many kinds)
+        raise UploadError(f"upload to {repo_id} failed ({type(e).__name__}: {e})") from e
 
 
 def push_to_hub(model, tokenizer, repo_id, *, base_model=None, datasets=None, command=None, notes=None,

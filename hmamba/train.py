@@ -25,7 +25,7 @@ from .atomic import atomic_write_json
 from .configuration_hmamba import HMambaConfig
 from .data import default_tokenizer, load_documents, load_tokenizer, pack, split_blocks
 from .generate import builtin_config, load_model
-from .hub import check_repo_id, write_model_card
+from .hub import UploadError, check_repo_id, write_model_card
 from .hub import push_to_hub as upload
 from .modeling_hmamba import HMambaForCausalLM
 
@@ -33,10 +33,9 @@ LORA_MODULES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 STACKS = {"low": "low_layers", "high": "high_layers", "out": "out_layers"}
 PARAMETER_GROUPS = ("embeddings", "low", "high", "out", "norm_f")
 STAGING = ".staging"  # where AtomicCheckpointTrainer writes a checkpoint before renaming it into place
-# Trainer loggers (report_to) whose absence transformers can detect, and the package that provides each
-REPORTERS = {"comet_ml": "comet_ml", "dagshub": "dagshub", "dvclive": "dvclive", "mlflow": "mlflow",
-             "neptune": "neptune", "tensorboard": "tensorboard", "wandb": "wandb", "codecarbon": "codecarbon",
-             "clearml": "clearml", "swanlab": "swanlab", "trackio": "trackio"}
+# Trainer loggers (report_to) whose absence transformers can detect; each is the name of its pip package
+REPORTERS = ("comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "tensorboard", "wandb", "codecarbon", "clearml",
+             "swanlab", "trackio")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,8 +234,7 @@ def train(
     loggers = [report_to] if isinstance(report_to, str) else list(report_to or [])
     missing = [n for n in loggers if n in REPORTERS and n not in get_available_reporting_integrations()]
     if missing:  # (an unknown name gets TrainingArguments' own error)
-        raise ValueError(f"report_to {', '.join(missing)}: not installed here (pip install "
-                         f"{' '.join(REPORTERS[n] for n in missing)})")
+        raise ValueError(f"report_to {', '.join(missing)}: not installed here (pip install {' '.join(missing)})")
     checkpoint = None
     if resume:  # before loading data and model
         checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
@@ -348,12 +346,9 @@ def train(
         if push_to_hub:
             try:
                 commit = upload(trainer.model, tokenizer, push_to_hub, private=private, **card)
-            except ValueError:  # a folder not ready for the Hub (check_hub_folder says what it lacks): no retry hint
-                raise
-            except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors: many kinds)
-                raise ValueError(f"upload to {push_to_hub} failed ({type(e).__name__}: {e}); the model is saved in "
-                                 f"{output_dir}: upload it from there (`hf upload {push_to_hub} {output_dir}`, "
-                                 "without its checkpoint folders)") from e
+            except UploadError as e:
+                raise UploadError(f"{e}; the model is saved in {output_dir}: upload it from there (`hf upload "
+                                  f"{push_to_hub} {output_dir}`, without its checkpoint folders)") from e
             print(f"pushed to {commit.commit_url}")
     return summary
 

@@ -43,16 +43,21 @@ def add_train(sub):
     p.add_argument("--block-size", type=int_at_least(1), default=256, help="tokens per training block (default: 256)")
     p.add_argument("--eval-fraction", type=positive_float, default=0.01,
                    help="fraction of blocks, taken from the end of the text, held out (default: 0.01)")
-    p.add_argument("--max-eval-blocks", type=int_at_least(1), default=None, help="cap on held-out blocks (default: all)")
+    p.add_argument("--max-eval-blocks", type=int_at_least(1), default=None,
+                   help="cap on held-out blocks (default: all)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="blocks per device per step (default: 8)")
     p.add_argument("--grad-accum", type=int_at_least(1), default=1, help="gradient accumulation steps (default: 1)")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate, cosine schedule (default: 2e-3)")
+    p.add_argument("--lr", type=positive_float, default=2e-3,
+                   help="peak learning rate, cosine schedule (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    p.add_argument("--warmup-steps", type=int_at_least(0), default=None, help="warm-up steps (default: 5%% of --max-steps)")
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=None,
+                   help="warm-up steps (default: 5%% of --max-steps)")
     p.add_argument("--max-steps", type=int_at_least(1), default=200, help="optimizer steps (default: 200)")
     p.add_argument("--logging-steps", type=int_at_least(1), default=10, help="log the loss every N steps (default: 10)")
-    p.add_argument("--eval-steps", type=int_at_least(1), default=None, help="evaluate every N steps (default: only at the end)")
-    p.add_argument("--save-steps", type=int_at_least(1), default=None, help="checkpoint every N steps (default: no checkpoints)")
+    p.add_argument("--eval-steps", type=int_at_least(1), default=None,
+                   help="evaluate every N steps (default: only at the end)")
+    p.add_argument("--save-steps", type=int_at_least(1), default=None,
+                   help="checkpoint every N steps (default: no checkpoints)")
     p.add_argument("--save-total-limit", type=int_at_least(0), default=2,
                    help="checkpoints to keep, 0 for all (default: 2)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")

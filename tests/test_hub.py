@@ -197,7 +197,7 @@ def test_convert_without_tokenizer_saves_locally_but_refuses_to_push(tmp_path, m
     assert main(["convert", str(mamba_ssm_source), str(tmp_path / "d"), "--push-to-hub", "no-owner"]) == 2
     assert "not a Hub repo id" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
-    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises offline: neither OSError nor RuntimeError
+    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises offline: no OSError, no RuntimeError
         pass
 
     def offline(self, repo_id, **kwargs):

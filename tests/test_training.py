@@ -366,7 +366,8 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys, monkeypatch):
     if importlib.util.find_spec("wandb") is None:
         code, err = error(["train", str(tmp_path / "w"), "--report-to", "wandb"])
         assert code == 2 and "report_to wandb: not installed here (pip install wandb)" in err
-    assert sorted(os.listdir(tmp_path)) == ["empty", "hf", "no-tokenizer", "runs"] and os.listdir(tmp_path / "runs") == []
+    assert sorted(os.listdir(tmp_path)) == ["empty", "hf", "no-tokenizer", "runs"]
+    assert os.listdir(tmp_path / "runs") == []
     for argv, needle in ((["train", "out", "--block-size", "0"], "--block-size: 0 is below the minimum, 1"),
                          (["train", "out", "--lr", "-1"], "--lr: -1.0 must be > 0"),
                          (["generate", "--max-new-tokens", "0"], "--max-new-tokens: 0 is below the minimum, 1")):
@@ -460,7 +461,7 @@ def test_train_writes_a_model_card_and_pushes(tmp_path, corpus, hub, monkeypatch
         train(str(tmp_path / "x"), data=corpus, max_steps=1, push_to_hub="me/x", model=str(tmp_path / "run"),
               lora=True, **dict(FAST, config_overrides=None))
 
-    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises offline: neither OSError nor RuntimeError
+    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises offline: no OSError, no RuntimeError
         pass
 
     def offline(self, repo_id, **kwargs):

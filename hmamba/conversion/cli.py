@@ -33,7 +33,7 @@ def add_convert(sub):
 
 
 def _convert(args):
-    from ..hub import TOKENIZER_FILES, check_repo_id, push_folder_to_hub
+    from ..hub import TOKENIZER_FILES, UploadError, check_repo_id, push_folder_to_hub
     from .checkpoints import convert, format_summary
 
     if args.push_to_hub:  # checked before the conversion's work (a Hub SRC's files only after its download)
@@ -48,11 +48,9 @@ def _convert(args):
     if args.push_to_hub:
         try:
             commit = push_folder_to_hub(args.out, args.push_to_hub, private=args.private)
-        except ValueError:  # OUT is not ready for the Hub (check_hub_folder says what it lacks): no retry hint
-            raise
-        except Exception as e:  # noqa: BLE001  (huggingface_hub's HTTP, auth and offline errors: many kinds)
-            raise ValueError(f"upload to {args.push_to_hub} failed ({type(e).__name__}: {e}); {args.out} is complete: "
-                             f"retry with `hf upload {args.push_to_hub} {args.out}`") from e
+        except UploadError as e:
+            hint = f"{args.out} is complete: retry with `hf upload {args.push_to_hub} {args.out}`"
+            raise UploadError(f"{e}; {hint}") from e
         print(f"uploaded {args.out} to https://huggingface.co/{args.push_to_hub}: {commit.commit_url}")
 
 

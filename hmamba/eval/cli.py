@@ -23,9 +23,11 @@ def add_eval(sub):
     add_device_args(p)
     p.add_argument("--limit", type=positive_float, default=None,
                    help="documents per task: a count, or a fraction if < 1 (default: all; for quick checks only)")
-    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--num-fewshot", type=int_at_least(0), default=None,
+                   help="few-shot examples (default: each task's own)")
     p.add_argument("--text", default=None, help="UTF-8 text file whose perplexity to compute")
-    p.add_argument("--max-length", type=int_at_least(1), default=1024, help="sliding-window length in tokens (default: 1024)")
+    p.add_argument("--max-length", type=int_at_least(1), default=1024,
+                   help="sliding-window length in tokens (default: 1024)")
     p.add_argument("--stride", default="512",
                    help="sliding-window stride(s) in tokens, comma-separated for several rows (default: 512)")
     p.add_argument("--output", default=None, help="write the results as JSON here (atomically)")
